@@ -1,0 +1,42 @@
+from .cifar_lt import IMBALANCECIFAR10, IMBALANCECIFAR100, img_num_per_cls
+from .loaders import (DeviceEvalLoader, DeviceTrainLoader, balanced_indices, crop_flip, instance_indices,
+                      torch_eval_loader, torch_train_loader)
+
+
+class CIFAR10_LT:
+    """The long-tailed training set, the balanced test set, and the batch loaders a config asks for."""
+    dataset_class = IMBALANCECIFAR10
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        kwargs = dict(imb_type=cfg.imb_type, imb_factor=cfg.imb_factor, download=cfg.download)
+        self.train_set = self.dataset_class(cfg.data_path, train=True, **kwargs)
+        self.test_set = self.dataset_class(cfg.data_path, train=False, **kwargs)
+        self.cls_num_list = self.train_set.get_cls_num_list()
+
+    def train_loader(self):
+        """Stage 1: instance sampling; `sampler.type: weighted sampler` makes it class-balanced, and
+        `sampler.dual_sample.enable` adds the instance-sampled fusing branch of stage 2."""
+        cfg = self.cfg
+        sampling = 'balanced' if cfg.sampler.type == 'weighted sampler' else 'instance'
+        dual = cfg.sampler.dual_sample.enable
+        if cfg.data_loader == 'torch':
+            return torch_train_loader(self.train_set, cfg.batch_size, self.device, cfg.workers, sampling, dual,
+                                      cfg.channels_last)
+        return DeviceTrainLoader(self.train_set.data, self.train_set.targets, cfg.num_classes, cfg.batch_size,
+                                 self.device, sampling, dual, cfg.channels_last)
+
+    def eval_loader(self):
+        cfg = self.cfg
+        if cfg.data_loader == 'torch':
+            return torch_eval_loader(self.test_set, cfg.eval_batch_size, self.device, cfg.workers, cfg.channels_last)
+        return DeviceEvalLoader(self.test_set.data, self.test_set.targets, cfg.eval_batch_size, self.device,
+                                cfg.channels_last)
+
+
+class CIFAR100_LT(CIFAR10_LT):
+    dataset_class = IMBALANCECIFAR100
+
+
+def build_data(cfg, device):
+    return {'cifar10': CIFAR10_LT, 'cifar100': CIFAR100_LT}[cfg.dataset](cfg, device)

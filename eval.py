@@ -1,0 +1,28 @@
+"""Evaluate a checkpoint on the balanced test set: top-1/5, many/medium/few, ECE (15 bins).
+
+    python eval.py --cfg CONFIG.yaml resume saved/<run>/ckps/model_best.pth.tar
+
+Prints the metrics and writes them as JSON beside the checkpoint (<checkpoint>.eval.json).
+"""
+import json
+
+from utils.engine import evaluate, format_metrics
+from utils.errors import run_cli
+from utils.setup import prepare
+
+
+def main():
+    cfg, device, precision, data, backbone, classifier, ckpt = prepare('Evaluation', checkpoint='required')
+    metrics = evaluate(backbone, classifier, data.eval_loader(), cfg, device, precision)
+    metrics.update(checkpoint=cfg.resume, checkpoint_epoch=ckpt.get('epoch'), dataset=cfg.dataset,
+                   imb_factor=cfg.imb_factor, precision=precision)
+    print(f'{cfg.resume} (epoch {ckpt.get("epoch")}): {format_metrics(metrics)} | '
+          f'confidence {metrics["confidence"] * 100:.2f}%')
+    out = cfg.resume.removesuffix('.pth.tar').removesuffix('.pth') + '.eval.json'
+    with open(out, 'w') as f:
+        json.dump(metrics, f, indent=1)
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    run_cli(main)

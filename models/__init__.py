@@ -1,0 +1,8 @@
+from .resnet_cifar import BACKBONES, Classifier, ResNet_fe, resnet20_fe, resnet32_fe, resnet44_fe, \
+    resnet56_fe, resnet110_fe
+
+
+def build_model(cfg):
+    """The backbone named by `cfg.backbone` and a `Classifier` for `cfg.num_classes` classes."""
+    backbone = BACKBONES[cfg.backbone]()
+    return backbone, Classifier(backbone.out_channels, cfg.num_classes)

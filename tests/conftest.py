@@ -1,0 +1,71 @@
+"""Tiny CIFAR-10 / CIFAR-100 files in the official pickled format, and helpers the tests share."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_cifar(root, dataset='cifar10', train_per_class=30, test_per_class=10, seed=0):
+    """Random images whose first pixel byte pair encodes the image's index in the training set, in
+    the layout and pickle format of the official files; classes interleaved as in the originals."""
+    rng = np.random.RandomState(seed)
+    num_classes = 10 if dataset == 'cifar10' else 100
+
+    def split(per_class):
+        labels = np.tile(np.arange(num_classes), per_class)
+        rng.shuffle(labels)
+        data = rng.randint(0, 256, (len(labels), 3072), dtype=np.uint8)
+        data[:, 0] = np.arange(len(labels)) % 256
+        data[:, 1] = np.arange(len(labels)) // 256
+        return data, labels.tolist()
+
+    (xtr, ytr), (xte, yte) = split(train_per_class), split(test_per_class)
+    if dataset == 'cifar10':
+        folder = os.path.join(root, 'cifar-10-batches-py')
+        os.makedirs(folder, exist_ok=True)
+        chunks = np.array_split(np.arange(len(ytr)), 5)
+        for i, idx in enumerate(chunks):
+            dump({'batch_label': f'training batch {i + 1} of 5', 'data': xtr[idx],
+                  'labels': [ytr[j] for j in idx], 'filenames': [f'{j}.png' for j in idx]},
+                 os.path.join(folder, f'data_batch_{i + 1}'))
+        dump({'batch_label': 'testing batch 1 of 1', 'data': xte, 'labels': yte,
+              'filenames': [f'{j}.png' for j in range(len(yte))]}, os.path.join(folder, 'test_batch'))
+        dump({'label_names': [f'c{i}' for i in range(10)], 'num_cases_per_batch': 10000, 'num_vis': 3072},
+             os.path.join(folder, 'batches.meta'))
+    else:
+        folder = os.path.join(root, 'cifar-100-python')
+        os.makedirs(folder, exist_ok=True)
+        for name, x, y in (('train', xtr, ytr), ('test', xte, yte)):
+            dump({'filenames': [f'{j}.png' for j in range(len(y))], 'batch_label': name, 'data': x,
+                  'fine_labels': y, 'coarse_labels': [c // 5 for c in y]}, os.path.join(folder, name))
+        dump({'fine_label_names': [f'f{i}' for i in range(100)], 'coarse_label_names': [f'c{i}' for i in range(20)]},
+             os.path.join(folder, 'meta'))
+    return root
+
+
+def dump(obj, path):
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+@pytest.fixture(scope='session')
+def cifar10_root(tmp_path_factory):
+    return write_cifar(str(tmp_path_factory.mktemp('cifar10')), 'cifar10')
+
+
+@pytest.fixture(scope='session')
+def cifar100_root(tmp_path_factory):
+    return write_cifar(str(tmp_path_factory.mktemp('cifar100')), 'cifar100', train_per_class=6, test_per_class=2)
+
+
+def run_script(script, *args, cwd=ROOT, timeout=600):
+    """Run one of the project's scripts; returns the CompletedProcess (text output)."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)

@@ -1,0 +1,176 @@
+"""The three commands as a user runs them, on tiny generated data: the files and metrics they
+write, and the one-line errors they give on bad input."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_script
+
+STAGE1 = 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml'
+STAGE2 = 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'
+TINY = ['num_epochs', '1', 'batch_size', '16', 'eval_batch_size', '64', 'print_freq', '5', 'imb_factor', '0.1']
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope='module')
+def pipeline(cifar10_root, tmp_path_factory):
+    """stage 1 -> stage 2 -> eval, one short epoch each, as the README runs them."""
+    save = str(tmp_path_factory.mktemp('saved'))
+    common = ['data_path', cifar10_root, 'save_dir', save, *TINY]
+    s1 = ok(run_script('train_stage1.py', '--cfg', STAGE1, *common))
+    run1 = glob.glob(f'{save}/cifar10_imb001_stage1_ce_mixup_*')[0]
+    s2 = ok(run_script('train_stage2.py', '--cfg', STAGE2, *common, 'resume', f'{run1}/ckps/model_best.pth.tar'))
+    run2 = glob.glob(f'{save}/cifar10_imb001_stage2_ce_h2t_*')[0]
+    ev = ok(run_script('eval.py', '--cfg', STAGE2, *common, 'resume', f'{run2}/ckps/model_best.pth.tar'))
+    return dict(save=save, run1=run1, run2=run2, s1=s1, s2=s2, ev=ev, common=common)
+
+
+def test_runs_write_logs_checkpoints_and_summary(pipeline):
+    for run, name in ((pipeline['run1'], 'cifar10_imb001_stage1_ce_mixup'), (pipeline['run2'], 'cifar10_imb001_stage2_ce_h2t')):
+        assert os.path.basename(run).startswith(name + '_') and len(os.path.basename(run)) == len(name) + 13
+        for f in (f'logs/{name}.txt', 'ckps/current.pth.tar', 'ckps/model_best.pth.tar', 'summary.json', 'config.yaml'):
+            assert os.path.isfile(os.path.join(run, f)), f
+        assert glob.glob(f'{run}/logs/events.out.tfevents.*')
+        log = open(f'{run}/logs/{name}.txt').read()
+        assert 'Epoch [1/1]' in log and 'Best' in log and 'Last' in log
+        ckpt = torch.load(f'{run}/ckps/current.pth.tar', weights_only=True)
+        assert {'epoch', 'state_dict_model', 'state_dict_classifier', 'best_acc1', 'its_ece'} <= set(ckpt)
+        assert ckpt['epoch'] == 1 and ckpt['state_dict_classifier']['fc.weight'].shape == (10, 64)
+
+
+def test_summary_reports_best_and_last_epoch(pipeline):
+    summary = json.load(open(f"{pipeline['run2']}/summary.json"))
+    assert summary['stage'] == 'stage2' and summary['H2T'] == 0.25
+    for which in ('best', 'last'):
+        m = summary[which]
+        assert 0 <= m['top1'] <= 100 and m['top1'] <= m['top5'] and 0 <= m['ece'] <= 1
+        assert len(m['per_class_acc']) == 10
+
+
+def test_stage2_starts_from_the_stage1_backbone(pipeline):
+    s1 = torch.load(f"{pipeline['run1']}/ckps/model_best.pth.tar", weights_only=True)['state_dict_model']
+    s2 = torch.load(f"{pipeline['run2']}/ckps/current.pth.tar", weights_only=True)['state_dict_model']
+    learned = [k for k in s1 if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert all(torch.equal(s1[k], s2[k]) for k in learned)
+    assert not torch.equal(s1['bn1.running_mean'], s2['bn1.running_mean'])  # shift_bn: True
+
+
+def test_eval_prints_and_writes_metrics_beside_the_checkpoint(pipeline):
+    out = f"{pipeline['run2']}/ckps/model_best.eval.json"
+    metrics = json.load(open(out))
+    for key in ('top1', 'top5', 'many', 'medium', 'few', 'ece', 'confidence', 'per_class_acc'):
+        assert key in metrics
+    summary = json.load(open(f"{pipeline['run2']}/summary.json"))
+    assert metrics['top1'] == pytest.approx(summary['best']['top1'])  # same checkpoint, same numbers
+    assert 'top1' in pipeline['ev'].stdout and 'ECE' in pipeline['ev'].stdout
+
+
+def test_eval_loads_dataparallel_checkpoints(pipeline, tmp_path):
+    ckpt = torch.load(f"{pipeline['run1']}/ckps/model_best.pth.tar", weights_only=True)
+    authors = {'epoch': ckpt['epoch'], 'best_acc1': torch.tensor(ckpt['best_acc1']), 'its_ece': ckpt['its_ece'],
+               'state_dict_model': {f'module.{k}': v for k, v in ckpt['state_dict_model'].items()},
+               'state_dict_classifier': {f'module.{k}': v for k, v in ckpt['state_dict_classifier'].items()}}
+    path = str(tmp_path / 'authors.pth.tar')
+    torch.save(authors, path)
+    ev = ok(run_script('eval.py', '--cfg', STAGE1, *pipeline['common'], 'resume', path))
+    assert json.load(open(str(tmp_path / 'authors.eval.json')))['top1'] >= 0
+    assert 'top1' in ev.stdout
+
+
+def test_cifar100_runs(cifar100_root, tmp_path):
+    save = str(tmp_path / 'saved')
+    ok(run_script('train_stage1.py', '--cfg', 'config/cifar100/cifar100_imb001_stage1_ce_mixup.yaml',
+                  'data_path', cifar100_root, 'save_dir', save, *TINY))
+    run = glob.glob(f'{save}/cifar100_imb001_stage1_ce_mixup_*')[0]
+    summary = json.load(open(f'{run}/summary.json'))
+    assert len(summary['last']['per_class_acc']) == 100
+
+
+# -- bad input: one line, exit status 2, nothing written ---------------------------------------------
+def bad(script, cfg, *args, tmp_path, match):
+    save = str(tmp_path / 'saved')
+    result = run_script(script, '--cfg', cfg, 'save_dir', save, *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-2000:]
+    assert match in lines[0], lines[0]
+    assert not os.path.exists(save)
+    return lines[0]
+
+
+def test_missing_data_folder(tmp_path):
+    msg = bad('train_stage1.py', STAGE1, 'data_path', str(tmp_path / 'none'), tmp_path=tmp_path, match='not found')
+    assert 'make_cifar10.py' in msg and 'data_batch_1' in msg
+
+
+def test_incomplete_data_folder(cifar10_root, tmp_path):
+    import shutil
+    partial = tmp_path / 'partial'
+    shutil.copytree(cifar10_root, partial)
+    os.remove(partial / 'cifar-10-batches-py' / 'data_batch_4')
+    bad('train_stage1.py', STAGE1, 'data_path', str(partial), tmp_path=tmp_path, match='lacks data_batch_4')
+
+
+def test_stage2_without_resume(cifar10_root, tmp_path):
+    bad('train_stage2.py', STAGE2, 'data_path', cifar10_root, tmp_path=tmp_path, match='needs a checkpoint')
+
+
+def test_stage2_with_missing_checkpoint(cifar10_root, tmp_path):
+    bad('train_stage2.py', STAGE2, 'data_path', cifar10_root, 'resume', str(tmp_path / 'no.pth.tar'),
+        tmp_path=tmp_path, match='not found')
+
+
+def test_stage2_with_unreadable_checkpoint(cifar10_root, pipeline, tmp_path):
+    path = tmp_path / 'cut.pth.tar'
+    path.write_bytes(open(f"{pipeline['run1']}/ckps/model_best.pth.tar", 'rb').read()[:5000])
+    bad('train_stage2.py', STAGE2, 'data_path', cifar10_root, 'resume', str(path), tmp_path=tmp_path,
+        match='truncated or corrupt')
+
+
+def test_checkpoint_of_another_class_count(cifar100_root, pipeline, tmp_path):
+    msg = bad('eval.py', 'config/cifar100/cifar100_imb001_stage2_ce_H2T.yaml', 'data_path', cifar100_root,
+              'resume', f"{pipeline['run1']}/ckps/model_best.pth.tar", tmp_path=tmp_path, match='does not fit')
+    assert '[10, 64]' in msg and '[100, 64]' in msg
+
+
+def test_checkpoint_of_another_backbone(cifar10_root, pipeline, tmp_path):
+    bad('train_stage2.py', STAGE2, 'data_path', cifar10_root, 'backbone', 'resnet20_fe',
+        'resume', f"{pipeline['run1']}/ckps/model_best.pth.tar", tmp_path=tmp_path, match='does not fit')
+
+
+def test_unknown_key_on_the_command_line(tmp_path):
+    bad('train_stage1.py', STAGE1, 'lr_sheduler.type', 'cos', tmp_path=tmp_path, match="unknown config key 'lr_sheduler.type'")
+
+
+def test_unknown_key_in_the_file(tmp_path):
+    cfg = tmp_path / 'typo.yaml'
+    cfg.write_text(open(os.path.join(os.path.dirname(__file__), '..', STAGE1)).read() + 'weight_dacay: 1e-4\n')
+    msg = bad('train_stage1.py', str(cfg), tmp_path=tmp_path, match="unknown config key 'weight_dacay'")
+    assert 'typo.yaml' in msg
+
+
+def test_wrong_value_type(tmp_path):
+    bad('train_stage1.py', STAGE1, 'lr', 'fast', tmp_path=tmp_path, match="'lr' has a value of the wrong type")
+
+
+@pytest.mark.parametrize('value', ['1.5', '-0.1'])
+def test_h2t_outside_unit_interval(value, tmp_path):
+    bad('train_stage2.py', STAGE2, 'H2T', value, tmp_path=tmp_path, match='outside [0, 1]')
+
+
+@pytest.mark.parametrize('value', ['0', '1.5', '-0.01'])
+def test_imb_factor_outside_range(value, tmp_path):
+    bad('train_stage1.py', STAGE1, 'imb_factor', value, tmp_path=tmp_path, match='outside (0, 1]')
+
+
+def test_integer_values_are_accepted_for_float_keys(cifar10_root, tmp_path):
+    # `H2T 0` (plain cRT) and `imb_factor 1` must not trip yacs' int-vs-float type check
+    bad('train_stage2.py', STAGE2, 'H2T', '0', 'imb_factor', '1', 'data_path', cifar10_root,
+        tmp_path=tmp_path, match='needs a checkpoint')

@@ -1,0 +1,104 @@
+"""LR schedules and what each stage's step does to the model."""
+import logging
+import math
+
+import pytest
+import torch
+
+from methods import cross_entropy
+from models import Classifier, resnet32_fe
+from utils.config import get_default_config
+from utils.engine import learning_rate, stage2_loss, train_one_epoch
+
+CPU = torch.device('cpu')
+
+
+def test_stage1_warmup_then_steps():
+    cfg = get_default_config()  # lr 0.1, warm-up 5, milestones 160/180
+    lrs = [learning_rate(cfg, e) for e in range(200)]  # epoch counted from 0
+    assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+    assert lrs[5] == lrs[159] == pytest.approx(0.1)
+    assert lrs[160] == lrs[179] == pytest.approx(0.01)  # epoch 161 (from 1) is after 160
+    assert lrs[180] == lrs[199] == pytest.approx(0.001)
+
+
+def test_stage2_cosine_times_lr_factor():
+    cfg = get_default_config()
+    cfg.lr_scheduler.type, cfg.lr_scheduler.lr_factor, cfg.lr, cfg.num_epochs = 'cos', 0.2, 0.1, 10
+    lrs = [learning_rate(cfg, e) for e in range(10)]
+    assert lrs[0] == pytest.approx(0.02)
+    assert lrs[5] == pytest.approx(0.01)
+    assert lrs == pytest.approx([0.2 * 0.5 * 0.1 * (1 + math.cos(math.pi * e / 10)) for e in range(10)])
+
+
+class DualBatches:
+    def __init__(self, steps=3, batch=16, num_classes=10):
+        g = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(num_classes, (batch,), generator=g),
+                         torch.randn(batch, 3, 32, 32, generator=g) * 2 + 1, torch.randint(num_classes, (batch,), generator=g))
+                        for _ in range(steps)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def stage2_cfg(shift_bn, rho=0.25):
+    cfg = get_default_config()
+    cfg.mode, cfg.shift_bn, cfg.H2T, cfg.mixup, cfg.lr_scheduler.type = 'stage2', shift_bn, rho, False, 'cos'
+    return cfg
+
+
+def run_stage2(shift_bn):
+    torch.manual_seed(0)
+    backbone, classifier = resnet32_fe(), Classifier(64, 10)
+    backbone.requires_grad_(False)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    fc_before = classifier.fc.weight.clone()
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    train_one_epoch(backbone, classifier, DualBatches(), optimizer, stage2_cfg(shift_bn), CPU, 'fp32', 0,
+                    logging.getLogger('test'), 'stage2')
+    after = backbone.state_dict()
+    return before, after, fc_before, classifier.fc.weight
+
+
+@pytest.mark.parametrize('shift_bn', [True, False])
+def test_stage2_changes_no_backbone_weight_but_trains_the_classifier(shift_bn):
+    before, after, fc_before, fc_after = run_stage2(shift_bn)
+    learned = [k for k in before if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert all(torch.equal(before[k], after[k]) for k in learned)
+    assert not torch.equal(fc_before, fc_after)
+
+
+def test_shift_bn_updates_running_statistics_only_when_set():
+    before, after, _, _ = run_stage2(True)
+    assert not torch.equal(before['layer3.4.bn2.running_mean'], after['layer3.4.bn2.running_mean'])
+    assert after['bn1.num_batches_tracked'] == before['bn1.num_batches_tracked'] + 6  # 3 steps x 2 branches
+    before, after, _, _ = run_stage2(False)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize('shift_bn', [True, False])
+def test_stage2_labels_come_from_the_fused_branch(shift_bn):
+    torch.manual_seed(0)
+    backbone, classifier = resnet32_fe().train(shift_bn), Classifier(64, 10)
+    x1, y1, x2, y2 = DualBatches(steps=1).batches[0]
+    loss, _, y = stage2_loss(backbone, classifier, (x1, y1, x2, y2), stage2_cfg(shift_bn, rho=0.0), CPU, 'fp32')
+    assert torch.equal(y, y1)
+    with torch.no_grad():
+        expected = cross_entropy(classifier(backbone(x1)), y1)
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_one_pass_equals_two_passes_in_eval_mode():
+    """stage2_loss concatenates the branches only when BN is in eval mode; there it is exact."""
+    torch.manual_seed(0)
+    backbone = resnet32_fe().eval()
+    x1, _, x2, _ = DualBatches(steps=1).batches[0]
+    with torch.no_grad():
+        joint = backbone(torch.cat([x1, x2]))
+        assert torch.allclose(joint[:16], backbone(x1), atol=1e-5) and torch.allclose(joint[16:], backbone(x2), atol=1e-5)
+        backbone.train()
+        assert not torch.allclose(backbone(torch.cat([x1, x2]))[:16], backbone(x1), atol=1e-3)

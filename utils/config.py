@@ -1,0 +1,207 @@
+"""Every configuration key with its default, in one place (yacs), and the checks on its values.
+
+Scripts take `--cfg FILE` and then `KEY VALUE` pairs, e.g. `resume saved/run/ckps/model_best.pth.tar`
+or `lr_scheduler.lr_factor 0.1`. The keys of the authors' H2T/MiSLAS configs are all accepted, so
+their YAML files run unchanged.
+"""
+import argparse
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from .errors import UserError
+
+_C = CN()
+_C.name = ''
+_C.print_freq = 40
+_C.workers = 0               # DataLoader workers; only used with data_loader: 'torch'
+_C.log_dir = 'logs'
+_C.model_dir = 'ckps'
+_C.save_dir = 'saved'        # runs go to <save_dir>/<name>_<YYYYmmddHHMM>/{log_dir,model_dir}
+
+# dataset
+_C.dataset = 'cifar10'       # 'cifar10' | 'cifar100'
+_C.data_path = './data/cifar10'
+_C.download = False          # fetch the files through torchvision if they are absent (needs internet)
+_C.num_classes = 10
+_C.imb_type = 'exp'          # 'exp' | 'step'
+_C.imb_factor = 0.01         # n_min / n_max, in (0, 1]; 1 keeps the balanced set
+_C.data_loader = 'device'    # 'device': data held on the training device, batched augmentation;
+                             # 'torch': PIL transforms in a torch DataLoader (the authors' way)
+_C.eval_batch_size = 1000
+
+_C.sampler = CN()
+_C.sampler.type = 'default'  # 'default' (instance) | 'weighted sampler'
+_C.sampler.weighted_sampler = CN()
+_C.sampler.weighted_sampler.type = 'balance'
+_C.sampler.dual_sample = CN()
+_C.sampler.dual_sample.enable = False
+_C.sampler.dual_sample.type = 'long-tailed'
+
+# model
+_C.backbone = 'resnet32_fe'
+_C.resume = ''
+_C.head_class_idx = [0, 1]   # [start, end) of the many-shot classes
+_C.med_class_idx = [0, 1]
+_C.tail_class_idx = [0, 1]
+_C.num_experts = 1
+
+# device and run
+_C.device = 'auto'           # 'auto' (CUDA when present, else CPU) | 'cpu' | 'cuda' | 'cuda:N'
+_C.precision = 'auto'        # 'auto' (bf16 autocast where the hardware has it) | 'fp32' | 'bf16'
+_C.channels_last = True
+_C.seed = 0
+_C.deterministic = False
+_C.distributed = False
+_C.gpu = None                # authors' key: a CUDA index, same as device 'cuda:<gpu>'
+_C.world_size = -1
+_C.rank = -1
+_C.dist_url = 'tcp://224.66.41.62:23456'
+_C.dist_backend = 'nccl'
+_C.multiprocessing_distributed = False
+
+# training
+_C.mode = 'stage1'
+_C.shift_bn = False
+_C.lr_scheduler = CN()
+_C.lr_scheduler.type = 'warmup_step'  # stage 1: 'warmup_step'; stage 2: 'cos'
+_C.lr_scheduler.warmup_epochs = 5
+_C.lr_scheduler.milestones = [160, 180]
+_C.lr_scheduler.gamma = 0.1
+_C.lr_scheduler.lr_factor = 1.0
+_C.lr = 0.1
+_C.batch_size = 128
+_C.weight_decay = 2e-4
+_C.num_epochs = 200
+_C.momentum = 0.9
+_C.mixup = True
+_C.alpha = 1.0
+_C.H2T = 0.0                 # rho: fraction of channels fused from the instance branch (stage 2)
+
+DATASETS = {'cifar10': 10, 'cifar100': 100}
+
+
+def get_default_config():
+    return _C.clone()
+
+
+def parse_args(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--cfg', required=True, help='YAML config file')
+    parser.add_argument('opts', nargs=argparse.REMAINDER, default=[],
+                        help='KEY VALUE pairs that override the config, e.g. resume path/to/ckpt')
+    return parser.parse_args()
+
+
+def load_config(cfg_file, opts=()):
+    """Defaults, then the YAML file, then the overrides; checked and frozen."""
+    cfg = get_default_config()
+    if not os.path.isfile(cfg_file):
+        raise UserError(f'config file {cfg_file} not found; pass an existing YAML file with --cfg')
+    try:
+        with open(cfg_file) as f:
+            loaded = CN.load_cfg(f)
+        cfg.merge_from_other_cfg(_ints_to_floats(loaded, cfg))
+    except yaml.YAMLError as e:
+        raise UserError(f'config file {cfg_file} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax')
+    except KeyError as e:
+        raise UserError(f'{_key_message(e)} in {cfg_file}; remove it or fix its spelling')
+    except ValueError as e:
+        raise UserError(f'{_type_message(e)} in {cfg_file}')
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UserError(f'override {opts[-1]!r} has no value; give overrides as KEY VALUE pairs')
+    for i in range(0, len(opts), 2):
+        if _default_of(cfg, opts[i]) is _MISSING:
+            raise UserError(f'unknown config key {opts[i]!r} on the command line; remove it or fix its spelling')
+        opts[i + 1] = _int_to_float(CN._decode_cfg_value(opts[i + 1]), _default_of(cfg, opts[i]))
+    try:
+        cfg.merge_from_list(opts)
+    except ValueError as e:
+        raise UserError(f'{_type_message(e)} on the command line')
+    check_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def _int_to_float(value, default):
+    # yacs rejects `H2T 0` or `lr: 1` for float keys; an integer is a fine float.
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+_MISSING = object()
+
+
+def _default_of(cfg, full_key):
+    node = cfg
+    for part in full_key.split('.'):
+        if not isinstance(node, CN) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _ints_to_floats(loaded, defaults):
+    for key, value in loaded.items():
+        default = defaults.get(key) if isinstance(defaults, CN) else None
+        if isinstance(value, CN):
+            _ints_to_floats(value, default)
+        else:
+            loaded[key] = _int_to_float(CN._decode_cfg_value(value), default)
+    return loaded
+
+
+def _key_message(err):
+    # yacs: KeyError('Non-existent config key: {}'.format(full_key))
+    text = err.args[0] if err.args else str(err)
+    key = text.split(':', 1)[-1].strip()
+    return f'unknown config key {key!r}'
+
+
+def _type_message(err):
+    # yacs: 'Type mismatch (<class 'float'> vs. <class 'str'>) with values (0.1 vs. abc) for config key: lr'
+    text = str(err.args[0] if err.args else err)
+    if 'for config key:' in text:
+        key = text.rsplit(':', 1)[-1].strip()
+        return f'config key {key!r} has a value of the wrong type ({text.split(" with ")[0]}); give a value like its default'
+    return f'bad config value ({text})'
+
+
+def check_config(cfg):
+    """Reject values that would train something other than what the user meant."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    need(cfg.dataset in DATASETS, f"dataset {cfg.dataset!r} is not supported; use one of {sorted(DATASETS)}")
+    need(cfg.num_classes == DATASETS[cfg.dataset],
+         f'num_classes {cfg.num_classes} does not match dataset {cfg.dataset} ({DATASETS[cfg.dataset]} classes); fix num_classes')
+    need(isinstance(cfg.imb_factor, (int, float)) and 0 < cfg.imb_factor <= 1,
+         f'imb_factor {cfg.imb_factor} is outside (0, 1]; it is n_min / n_max, e.g. 0.01 for IF=100')
+    need(cfg.imb_type in ('exp', 'step'), f"imb_type {cfg.imb_type!r} is unknown; use 'exp' or 'step'")
+    need(isinstance(cfg.H2T, (int, float)) and 0 <= cfg.H2T <= 1,
+         f'H2T {cfg.H2T} is outside [0, 1]; it is the fraction of fused channels (0 turns fusion off)')
+    need(cfg.batch_size >= 1, f'batch_size {cfg.batch_size} must be at least 1')
+    need(cfg.eval_batch_size >= 1, f'eval_batch_size {cfg.eval_batch_size} must be at least 1')
+    need(cfg.num_epochs >= 1, f'num_epochs {cfg.num_epochs} must be at least 1')
+    need(cfg.lr > 0, f'lr {cfg.lr} must be positive')
+    need(cfg.mode in ('stage1', 'stage2'), f"mode {cfg.mode!r} is unknown; use 'stage1' or 'stage2'")
+    need(cfg.lr_scheduler.type in ('warmup_step', 'cos'),
+         f"lr_scheduler.type {cfg.lr_scheduler.type!r} is unknown; use 'warmup_step' or 'cos'")
+    need(cfg.precision in ('auto', 'fp32', 'bf16'), f"precision {cfg.precision!r} is unknown; use auto, fp32 or bf16")
+    need(cfg.data_loader in ('device', 'torch'), f"data_loader {cfg.data_loader!r} is unknown; use 'device' or 'torch'")
+    need(cfg.sampler.type in ('default', 'weighted sampler'),
+         f"sampler.type {cfg.sampler.type!r} is unknown; use 'default' or 'weighted sampler'")
+    need(cfg.sampler.weighted_sampler.type == 'balance',
+         f"sampler.weighted_sampler.type {cfg.sampler.weighted_sampler.type!r} is not supported; use 'balance'")
+    need(cfg.sampler.dual_sample.type == 'long-tailed',
+         f"sampler.dual_sample.type {cfg.sampler.dual_sample.type!r} is not supported; use 'long-tailed'")
+    from models import BACKBONES
+    need(cfg.backbone in BACKBONES, f'backbone {cfg.backbone!r} is unknown; use one of {sorted(BACKBONES)}')
+    for key in ('head_class_idx', 'med_class_idx', 'tail_class_idx'):
+        idx = cfg[key]
+        need(len(idx) == 2 and 0 <= idx[0] <= idx[1] <= cfg.num_classes,
+             f'{key} {list(idx)} must be [start, end) with 0 <= start <= end <= num_classes ({cfg.num_classes})')

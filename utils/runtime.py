@@ -1,0 +1,92 @@
+"""Device, precision, seeding and the run folder: what every script sets up before training."""
+import contextlib
+import logging
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def select_device(cfg):
+    """cfg.device ('auto' = CUDA when present, else CPU); the authors' `gpu: N` means 'cuda:N'."""
+    name = cfg.device
+    if name == 'auto':
+        name = f'cuda:{cfg.gpu}' if cfg.gpu is not None else ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'device {name} asked for, but CUDA is not available here; use device auto or cpu')
+    return device
+
+
+def cpu_has_bf16():
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
+def select_precision(cfg, device):
+    """'auto' -> bf16 autocast on CUDA GPUs with bf16 and on CPUs with AVX512-BF16 or AMX, else fp32."""
+    if cfg.precision != 'auto':
+        return cfg.precision
+    if device.type == 'cuda':
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    return 'bf16' if device.type == 'cpu' and cpu_has_bf16() else 'fp32'
+
+
+def autocast(device, precision):
+    """Forward passes in bf16 where asked; losses are taken in fp32 by the callers, BN statistics
+    and the optimizer stay fp32 (autocast keeps BN in fp32 and never touches the weights)."""
+    if precision == 'bf16':
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def create_run_dir(cfg):
+    """saved/<name>_<YYYYmmddHHMM>/{logs,ckps}; created only once all inputs have been checked."""
+    name = cfg.name or f'{cfg.dataset}_{cfg.mode}'
+    run_dir = os.path.join(cfg.save_dir, f'{name}_{time.strftime("%Y%m%d%H%M")}')
+    base, n = run_dir, 1
+    while os.path.exists(run_dir):  # two runs started within the same minute
+        n += 1
+        run_dir = f'{base}_{n}'
+    log_dir, ckpt_dir = os.path.join(run_dir, cfg.log_dir), os.path.join(run_dir, cfg.model_dir)
+    os.makedirs(log_dir)
+    os.makedirs(ckpt_dir)
+    with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
+        f.write(cfg.dump())
+    return run_dir, log_dir, ckpt_dir, name
+
+
+def get_logger(log_file=None):
+    """Logs to stdout and, where given, to a file in the run folder."""
+    logger = logging.getLogger('h2t')
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
