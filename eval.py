@@ -6,17 +6,21 @@ Prints the metrics and writes them as JSON beside the checkpoint (<checkpoint>.e
 """
 import json
 
+from utils import distributed
 from utils.engine import evaluate, format_metrics
 from utils.errors import run_cli
 from utils.setup import prepare
 
 
-def main():
-    cfg, device, precision, data, backbone, classifier, ckpt = prepare('Evaluation', checkpoint='required')
-    metrics = evaluate(backbone, classifier, data.eval_loader(), cfg, device, precision)
-    metrics.update(checkpoint=cfg.resume, checkpoint_epoch=ckpt.get('epoch'), dataset=cfg.dataset,
-                   imb_factor=cfg.imb_factor, precision=precision)
-    print(f'{cfg.resume} (epoch {ckpt.get("epoch")}): {format_metrics(metrics)} | '
+def main(argv=None):
+    s = prepare('Evaluation', checkpoint='required', argv=argv)
+    cfg = s.cfg
+    metrics = evaluate(s.backbone, s.classifier, s.data.eval_loader(), cfg, s.device, s.precision)
+    if not distributed.is_main():
+        return
+    metrics.update(checkpoint=cfg.resume, checkpoint_epoch=s.ckpt.get('epoch'), dataset=cfg.dataset,
+                   imb_factor=cfg.imb_factor, precision=s.precision)
+    print(f'{cfg.resume} (epoch {s.ckpt.get("epoch")}): {format_metrics(metrics)} | '
           f'confidence {metrics["confidence"] * 100:.2f}%')
     out = cfg.resume.removesuffix('.pth.tar').removesuffix('.pth') + '.eval.json'
     with open(out, 'w') as f:

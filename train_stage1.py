@@ -1,24 +1,28 @@
 """Stage 1: train the backbone and classifier with cross-entropy and mixup on instance-sampled batches.
 
     python train_stage1.py --cfg config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml [KEY VALUE ...]
+    torchrun --nproc_per_node=N train_stage1.py --cfg ...            (N processes, one global batch)
+    python train_stage1.py --cfg ... resume saved/<run>/ckps/current.pth.tar auto_resume True   (continue)
 """
 import torch
 
+from utils import distributed
 from utils.engine import fit
 from utils.errors import run_cli
-from utils.runtime import create_run_dir, get_logger
 from utils.setup import prepare
 
 
-def main():
-    cfg, device, precision, data, backbone, classifier, _ = prepare('Stage 1: representation learning', 'stage1')
-    params = list(backbone.parameters()) + list(classifier.parameters())
+def main(argv=None):
+    s = prepare('Stage 1: representation learning', 'stage1', argv=argv)
+    cfg = s.cfg
+    params = list(s.backbone.parameters()) + list(s.classifier.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    run = create_run_dir(cfg)
-    logger = get_logger(f'{run[1]}/{run[3]}.txt')
-    logger.info(f'{run[3]}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, {len(data.train_set)} training images '
-                f'{data.cls_num_list}, {cfg.backbone} on {device} ({precision}), run folder {run[0]}')
-    fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, 'stage1')
+    if s.resume_state is None and s.run:
+        s.logger.info(f'{s.run[3]}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, {len(s.data.train_set)} training images '
+                      f'{s.data.cls_num_list}, {cfg.backbone} on {s.device} ({s.precision}) x '
+                      f'{distributed.world_size()} process(es), run folder {s.run[0]}')
+    backbone, classifier = distributed.wrap(s.backbone, s.device), distributed.wrap(s.classifier, s.device)
+    fit(backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage1', s.resume_state)
 
 
 if __name__ == '__main__':

@@ -4,26 +4,29 @@
 
 The backbone gets no gradient; with `shift_bn: True` it stays in train mode, so its BatchNorm
 running statistics follow the stage-2 data. `H2T` is rho, the fraction of fused channels (0 = cRT).
+To continue an interrupted stage-2 run: `resume saved/<stage-2 run>/ckps/current.pth.tar auto_resume True`.
 """
 import torch
 
+from utils import distributed
 from utils.engine import fit
 from utils.errors import run_cli
-from utils.runtime import create_run_dir, get_logger
 from utils.setup import prepare
 
 
-def main():
-    cfg, device, precision, data, backbone, classifier, _ = prepare(
-        'Stage 2: classifier re-training', 'stage2', checkpoint='required')
-    backbone.requires_grad_(False)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+def main(argv=None):
+    s = prepare('Stage 2: classifier re-training', 'stage2', checkpoint='required', argv=argv)
+    cfg = s.cfg
+    s.backbone.requires_grad_(False)
+    optimizer = torch.optim.SGD(s.classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    run = create_run_dir(cfg)
-    logger = get_logger(f'{run[1]}/{run[3]}.txt')
-    logger.info(f'{run[3]}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, H2T rho={cfg.H2T}, shift_bn={cfg.shift_bn}, '
-                f'from {cfg.resume}, on {device} ({precision}), run folder {run[0]}')
-    fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, 'stage2')
+    if s.resume_state is None and s.run:
+        s.logger.info(f'{s.run[3]}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, H2T rho={cfg.H2T}, '
+                      f'shift_bn={cfg.shift_bn}, from {cfg.resume}, on {s.device} ({s.precision}) x '
+                      f'{distributed.world_size()} process(es), run folder {s.run[0]}')
+    classifier = distributed.wrap(s.classifier, s.device)
+    fit(s.backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage2',
+        s.resume_state)
 
 
 if __name__ == '__main__':

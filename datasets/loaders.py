@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 
+from utils import distributed
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 PAD = 4
@@ -57,7 +59,11 @@ class Normalize:
 
 
 class DeviceTrainLoader:
-    """Augmented training batches from device-resident data; `sampling` 'instance' or 'balanced'."""
+    """Augmented training batches from device-resident data; `sampling` 'instance' or 'balanced'.
+
+    Under torchrun every rank draws the same epoch indices and takes every world_size-th sample of
+    each global batch of `batch_size`.
+    """
 
     def __init__(self, data, targets, num_classes, batch_size, device, sampling='instance', dual=False,
                  channels_last=True):
@@ -70,7 +76,8 @@ class DeviceTrainLoader:
         self.normalize = Normalize(device, channels_last)
 
     def __len__(self):
-        return math.ceil(len(self.targets) / self.batch_size)
+        n, b = len(self.targets), self.batch_size
+        return n // b + (n % b >= distributed.world_size())
 
     def _epoch_indices(self):
         n = len(self.targets)
@@ -90,17 +97,21 @@ class DeviceTrainLoader:
         streams = [self._augmented(self._epoch_indices())]
         if self.dual:
             streams.append(self._augmented(instance_indices(len(self.targets))))
-        for start in range(0, len(self.targets), self.batch_size):
+        n = len(self.targets)
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            if stop - start < distributed.world_size():
+                break  # a last global batch too small to give every rank a sample
+            s = distributed.shard(start, stop)
             batch = []
             for index, top, left, flip in streams:
-                s = slice(start, start + self.batch_size)
                 images = crop_flip(self.padded, index[s], top[s], left[s], flip[s])
                 batch += [self.normalize(images), self.targets[index[s]]]
             yield tuple(batch)
 
 
 class DeviceEvalLoader:
-    """The test set in order, in batches of `batch_size`, normalised on the device."""
+    """The test set in order, in batches of `batch_size` (each rank its share), normalised on the device."""
 
     def __init__(self, data, targets, batch_size, device, channels_last=True):
         self.images = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).to(device)
@@ -113,7 +124,7 @@ class DeviceEvalLoader:
 
     def __iter__(self):
         for start in range(0, len(self.targets), self.batch_size):
-            s = slice(start, start + self.batch_size)
+            s = distributed.shard(start, min(start + self.batch_size, len(self.targets)))
             yield self.normalize(self.images[s]), self.targets[s]
 
 

@@ -41,7 +41,8 @@ _C.sampler.dual_sample.type = 'long-tailed'
 
 # model
 _C.backbone = 'resnet32_fe'
-_C.resume = ''
+_C.resume = ''               # checkpoint to start from (stage 2: the stage-1 model_best.pth.tar)
+_C.auto_resume = False       # continue the run of `resume` (its ckps/current.pth.tar) exactly, in its folder
 _C.head_class_idx = [0, 1]   # [start, end) of the many-shot classes
 _C.med_class_idx = [0, 1]
 _C.tail_class_idx = [0, 1]
@@ -51,6 +52,7 @@ _C.num_experts = 1
 _C.device = 'auto'           # 'auto' (CUDA when present, else CPU) | 'cpu' | 'cuda' | 'cuda:N'
 _C.precision = 'auto'        # 'auto' (bf16 autocast where the hardware has it) | 'fp32' | 'bf16'
 _C.channels_last = True
+_C.compile = False           # torch.compile the model (pays off on GPUs; on CPU its compile time does not)
 _C.seed = 0
 _C.deterministic = False
 _C.distributed = False
@@ -86,12 +88,12 @@ def get_default_config():
     return _C.clone()
 
 
-def parse_args(description):
+def parse_args(description, argv=None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--cfg', required=True, help='YAML config file')
     parser.add_argument('opts', nargs=argparse.REMAINDER, default=[],
                         help='KEY VALUE pairs that override the config, e.g. resume path/to/ckpt')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def load_config(cfg_file, opts=()):

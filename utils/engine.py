@@ -2,16 +2,19 @@
 import json
 import math
 import os
+import random
 import sys
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from methods import H2T, cross_entropy, mixup_criterion, mixup_data
 from .checkpoint import save_checkpoint
 from .errors import UserError
-from .metrics import classification_metrics
+from . import distributed
+from .metrics import add_sums, finalize, metric_sums
 from .runtime import autocast
 
 
@@ -68,49 +71,57 @@ def stage2_loss(backbone, classifier, batch, cfg, device, precision):
 
 
 def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precision, epoch, logger, stage):
-    """One pass over `loader`; returns {'loss', 'train_acc'}. Stops with a UserError on a NaN/inf loss."""
+    """One pass over `loader`; returns {'loss', 'train_acc'} summed over all ranks.
+
+    Host syncs only every print_freq steps. A NaN/inf loss raises a UserError naming the first bad
+    step, before anything of this epoch is saved, so the last checkpoint stays the last good one.
+    """
     step_fn = stage1_loss if stage == 'stage1' else stage2_loss
     classifier.train()
     backbone.train(stage == 'stage1' or cfg.shift_bn)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen = 0
+    # loss sum, correct, seen, first non-finite step (+1; 0 = none): one tensor, one all_reduce
+    stats = torch.zeros(3, device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.num_epochs}', leave=False, file=sys.stderr,
-               disable=not sys.stderr.isatty(), dynamic_ncols=True)
+               disable=not (sys.stderr.isatty() and distributed.is_main()), dynamic_ncols=True)
     for step, batch in enumerate(bar):
         loss, out, y = step_fn(backbone, classifier, batch, cfg, device, precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        correct += out.detach().argmax(1).eq(y).sum()
-        seen += len(y)
+        loss = loss.detach()
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step + 1, first_bad)
+        stats[0] += loss * len(y)
+        stats[1] += out.detach().argmax(1).eq(y).sum()
+        stats[2] += len(y)
         last = step + 1 == len(loader)
         if (step + 1) % cfg.print_freq == 0 or last:
-            # the only host syncs of the loop: one every print_freq steps
-            avg = loss_sum.item() / seen
-            if not math.isfinite(avg):
-                raise UserError(f'loss became {avg} at epoch {epoch + 1}, step {step + 1}; training stopped, the last '
-                                f'good checkpoint is kept; lower lr or check the data')
-            if bar.disable and not last:
+            reduced = distributed.all_reduce_sum(stats.clone())
+            bad = int(distributed.all_reduce_sum(first_bad.clone().float()).item())
+            if bad:
+                raise UserError(f'loss became nan/inf at epoch {epoch + 1}, step {bad}; training stopped and the '
+                                f'last good checkpoint is kept; lower lr or check the data')
+            avg = (reduced[0] / reduced[2]).item()
+            if bar.disable and not last and distributed.is_main():
                 logger.info(f'  epoch {epoch + 1} step {step + 1}/{len(loader)} loss {avg:.4f}')
             bar.set_postfix(loss=f'{avg:.4f}')
-    return {'loss': loss_sum.item() / seen, 'train_acc': correct.item() / seen * 100}
+    return {'loss': (reduced[0] / reduced[2]).item(), 'train_acc': (reduced[1] / reduced[2]).item() * 100}
 
 
 # -- evaluation ------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(backbone, classifier, loader, cfg, device, precision):
-    """Softmax outputs of the whole test set (kept on the device), then every metric at once."""
+    """Every metric of the test set; batches stay on the device, sums are added over the ranks."""
     backbone.eval()
     classifier.eval()
-    probs, targets = [], []
+    sums = None
     for x, y in loader:
         with autocast(device, precision):
             logits = classifier(backbone(x))
-        probs.append(torch.softmax(logits.float(), dim=1))
-        targets.append(y)
-    return classification_metrics(torch.cat(probs), torch.cat(targets), cfg)
+        sums = add_sums(sums, metric_sums(torch.softmax(logits.float(), dim=1), y))
+    for value in sums.values():
+        distributed.all_reduce_sum(value)
+    return finalize(sums, cfg)
 
 
 def format_metrics(m):
@@ -119,29 +130,82 @@ def format_metrics(m):
 
 
 # -- the epoch loop --------------------------------------------------------------------------------
-def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, stage):
+def unwrap(module):
+    """The module itself under a DistributedDataParallel wrapper."""
+    return getattr(module, 'module', module)
+
+
+def training_state(epoch, backbone, classifier, optimizer, cfg, best, best_epoch, history):
+    """Everything a run needs to continue exactly where it stopped, in the authors' checkpoint
+    format (epoch, state_dict_model, state_dict_classifier, best_acc1, its_ece) plus our keys."""
+    return {'epoch': epoch, 'mode': cfg.mode, 'state_dict_model': unwrap(backbone).state_dict(),
+            'state_dict_classifier': unwrap(classifier).state_dict(), 'best_acc1': best['top1'],
+            'its_ece': best['ece'], 'best_epoch': best_epoch, 'best_metrics': best, 'history': history,
+            'optimizer': optimizer.state_dict(), 'rng': rng_state(), 'config': cfg.dump()}
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                       'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])}}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, stage, resume_state=None):
     """Train for cfg.num_epochs, evaluate after each epoch, keep current/model_best checkpoints,
-    log to the run folder and TensorBoard, and write summary.json with the best and last epochs."""
-    from torch.utils.tensorboard import SummaryWriter
-    run_dir, log_dir, ckpt_dir, name = run
-    writer = SummaryWriter(log_dir)
+    log to the run folder and TensorBoard, and write summary.json with the best and last epochs.
+
+    `resume_state` (a checkpoint from `training_state`) continues that run exactly: optimizer,
+    epoch, best metrics and every RNG state. `run` is None on ranks other than 0: they write nothing.
+    """
+    main = distributed.is_main()
+    run_dir, log_dir, ckpt_dir, name = run if main else (None,) * 4
     train_loader, eval_loader = data.train_loader(), data.eval_loader()
-    best, best_epoch, history = None, -1, []
+    best, best_epoch, history, start_epoch = None, -1, [], 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state['optimizer'])
+        best, best_epoch = resume_state['best_metrics'], resume_state['best_epoch']
+        history, start_epoch = list(resume_state['history']), resume_state['epoch']
+        set_rng_state(resume_state['rng'])
+        logger.info(f'continuing {name} after epoch {start_epoch} (best {best["top1"]:.2f} at epoch {best_epoch})')
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir, purge_step=start_epoch + 1)
     start = time.time()
-    for epoch in range(cfg.num_epochs):
+    test = best
+    for epoch in range(start_epoch, cfg.num_epochs):
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr
         t0 = time.time()
         train = train_one_epoch(backbone, classifier, train_loader, optimizer, cfg, device, precision, epoch,
                                 logger, stage)
+        if stage == 'stage2' and cfg.shift_bn:
+            distributed.average_buffers(unwrap(backbone))
         t1 = time.time()
         test = evaluate(backbone, classifier, eval_loader, cfg, device, precision)
         t2 = time.time()
         is_best = best is None or test['top1'] > best['top1']
         if is_best:
             best, best_epoch = test, epoch + 1
-        history.append({'epoch': epoch + 1, 'lr': lr, **train, **{k: v for k, v in test.items() if k != 'per_class_acc'}})
+        history.append({'epoch': epoch + 1, 'lr': lr, **train, 'time_train_s': round(t1 - t0, 2),
+                        'time_eval_s': round(t2 - t1, 2),
+                        **{k: v for k, v in test.items() if k not in ('per_class_acc', 'reliability')}})
+        if not main:
+            continue
         logger.info(f"Epoch [{epoch + 1}/{cfg.num_epochs}] lr {lr:.5f} loss {train['loss']:.4f} "
                     f"train_acc {train['train_acc']:.2f} | test {format_metrics(test)} | best {best['top1']:.2f} "
                     f"(epoch {best_epoch}) | {t1 - t0:.1f}s train {t2 - t1:.1f}s eval")
@@ -149,20 +213,25 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
             writer.add_scalar(f'train/{key}', value, epoch + 1)
         for key in ('top1', 'top5', 'many', 'medium', 'few', 'ece'):
             writer.add_scalar(f'test/{key}', test[key], epoch + 1)
-        state = {'epoch': epoch + 1, 'state_dict_model': backbone.state_dict(),
-                 'state_dict_classifier': classifier.state_dict(), 'best_acc1': best['top1'],
-                 'its_ece': best['ece'], 'optimizer': optimizer.state_dict(), 'config': cfg.dump()}
+        writer.flush()
+        state = training_state(epoch + 1, backbone, classifier, optimizer, cfg, best, best_epoch, history)
         save_checkpoint(state, os.path.join(ckpt_dir, 'current.pth.tar'))
         if is_best:
             save_checkpoint(state, os.path.join(ckpt_dir, 'model_best.pth.tar'))
+    ranks = distributed.check_in_sync(unwrap(backbone), unwrap(classifier))
+    if not main:
+        return None
     writer.close()
+    if ranks > 1:
+        logger.info(f'weights identical on all {ranks} ranks')
+    wall = sum(h['time_train_s'] + h['time_eval_s'] for h in history)
     summary = {'name': name, 'stage': stage, 'dataset': cfg.dataset, 'imb_factor': cfg.imb_factor,
-               'H2T': cfg.H2T, 'precision': precision, 'device': str(device), 'epochs': cfg.num_epochs,
-               'wall_time_s': round(time.time() - start, 1), 'best_epoch': best_epoch, 'best': best,
+               'H2T': cfg.H2T, 'precision': precision, 'device': str(device), 'world_size': ranks,
+               'epochs': cfg.num_epochs, 'wall_time_s': round(wall, 1), 'best_epoch': best_epoch, 'best': best,
                'last': test, 'history': history}
     with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     logger.info(f'Best  (epoch {best_epoch}): {format_metrics(best)}')
     logger.info(f'Last  (epoch {cfg.num_epochs}): {format_metrics(test)}')
-    logger.info(f'Checkpoints in {ckpt_dir}; wall time {summary["wall_time_s"]:.0f}s')
+    logger.info(f'Checkpoints in {ckpt_dir}; train + eval time {wall:.0f}s ({time.time() - start:.0f}s this session)')
     return summary

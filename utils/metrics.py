@@ -1,14 +1,40 @@
-"""Top-1/top-5, per-class and many/medium/few accuracy, and calibration, from softmax outputs."""
+"""Top-1/top-5, per-class and many/medium/few accuracy, and calibration.
+
+Evaluation accumulates additive sums per batch (`metric_sums`), which several processes can add
+together (all_reduce) before `finalize` turns them into the reported numbers.
+"""
 import torch
 
+N_BINS = 15
 
-def expected_calibration_error(confidence, correct, n_bins=15):
-    """ECE over `n_bins` equal-width bins of the max softmax probability, bins right-inclusive
-    ((0, 1/15], (1/15, 2/15], ...): sum over bins of |accuracy - mean confidence| * bin share."""
-    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)
-    gap = torch.zeros(n_bins, dtype=torch.float64, device=confidence.device)
-    gap.index_add_(0, bins, correct.double() - confidence.double())
-    return (gap.abs().sum() / len(confidence)).item()
+
+def confidence_bins(confidence, n_bins=N_BINS):
+    """Bin index of each confidence: equal-width bins, right-inclusive ((0, 1/15], (1/15, 2/15], ...)."""
+    return (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)
+
+
+def metric_sums(probs, targets, n_bins=N_BINS):
+    """Sufficient statistics of a batch of softmax outputs `probs` [N, C] with labels `targets` [N]:
+    per-class counts and hits, top-5 hits, per confidence bin the count, summed confidence and hits,
+    and the NLL sum."""
+    num_classes = probs.size(1)
+    confidence, pred = probs.max(dim=1)
+    correct = pred.eq(targets).double()
+    top5 = probs.topk(min(5, num_classes), dim=1).indices.eq(targets[:, None]).any(dim=1).double()
+    bins = confidence_bins(confidence, n_bins)
+    return {
+        'class_total': torch.bincount(targets, minlength=num_classes).double(),
+        'class_correct': torch.bincount(targets, weights=correct, minlength=num_classes),
+        'top5': top5.sum().reshape(1),
+        'bin_count': torch.bincount(bins, minlength=n_bins).double(),
+        'bin_confidence': torch.bincount(bins, weights=confidence.double(), minlength=n_bins),
+        'bin_correct': torch.bincount(bins, weights=correct, minlength=n_bins),
+        'nll': -torch.log(probs.gather(1, targets[:, None]).clamp_min(1e-12)).double().sum().reshape(1),
+    }
+
+
+def add_sums(total, sums):
+    return sums if total is None else {k: total[k] + v for k, v in sums.items()}
 
 
 def split_accuracy(per_class_acc, cfg):
@@ -20,23 +46,31 @@ def split_accuracy(per_class_acc, cfg):
     return out
 
 
-def classification_metrics(probs, targets, cfg):
-    """All reported numbers (in %, ECE as a fraction) for softmax `probs` [N, C] and `targets` [N]."""
-    num_classes = probs.size(1)
-    confidence, pred = probs.max(dim=1)
-    correct = pred.eq(targets)
-    top5 = probs.topk(min(5, num_classes), dim=1).indices.eq(targets[:, None]).any(dim=1)
-    per_class_total = torch.bincount(targets, minlength=num_classes).double()
-    per_class_correct = torch.bincount(targets, weights=correct.double(), minlength=num_classes)
-    per_class_acc = per_class_correct / per_class_total.clamp_min(1)
-    nll = -torch.log(probs.gather(1, targets[:, None]).clamp_min(1e-12)).mean()
-    metrics = {
-        'top1': correct.double().mean().item() * 100,
-        'top5': top5.double().mean().item() * 100,
+def finalize(sums, cfg):
+    """All reported numbers: accuracies in %, ECE and confidence as fractions."""
+    n = sums['class_total'].sum()
+    per_class_acc = sums['class_correct'] / sums['class_total'].clamp_min(1)
+    return {
+        'top1': (sums['class_correct'].sum() / n).item() * 100,
+        'top5': (sums['top5'].sum() / n).item() * 100,
         **split_accuracy(per_class_acc, cfg),
-        'ece': expected_calibration_error(confidence, correct),
-        'confidence': confidence.double().mean().item(),
-        'loss': nll.item(),
+        'ece': ((sums['bin_correct'] - sums['bin_confidence']).abs().sum() / n).item(),
+        'confidence': (sums['bin_confidence'].sum() / n).item(),
+        'loss': (sums['nll'].sum() / n).item(),
         'per_class_acc': [round(a * 100, 2) for a in per_class_acc.tolist()],
+        'reliability': {'count': sums['bin_count'].tolist(),
+                        'accuracy': (sums['bin_correct'] / sums['bin_count'].clamp_min(1)).tolist(),
+                        'confidence': (sums['bin_confidence'] / sums['bin_count'].clamp_min(1)).tolist()},
     }
-    return metrics
+
+
+def classification_metrics(probs, targets, cfg):
+    return finalize(metric_sums(probs, targets), cfg)
+
+
+def expected_calibration_error(confidence, correct, n_bins=N_BINS):
+    """ECE of max-softmax `confidence` [N] with `correct` [N]: sum over bins of |acc - conf| * share."""
+    bins = confidence_bins(confidence, n_bins)
+    gap = torch.zeros(n_bins, dtype=torch.float64)
+    gap.index_add_(0, bins, correct.double() - confidence.double())
+    return (gap.abs().sum() / len(confidence)).item()

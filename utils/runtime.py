@@ -74,8 +74,8 @@ def create_run_dir(cfg):
     return run_dir, log_dir, ckpt_dir, name
 
 
-def get_logger(log_file=None):
-    """Logs to stdout and, where given, to a file in the run folder."""
+def get_logger(log_file=None, quiet=False):
+    """Logs to stdout and, where given, to a file in the run folder (appended); `quiet` logs nothing."""
     logger = logging.getLogger('h2t')
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -83,9 +83,12 @@ def get_logger(log_file=None):
         logger.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
-    handlers = [logging.StreamHandler(sys.stdout)]
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up in `nohup ... > log` too
+    handlers = [] if quiet else [logging.StreamHandler(sys.stdout)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
+    if not handlers:
+        handlers.append(logging.NullHandler())
     for handler in handlers:
         handler.setFormatter(fmt)
         logger.addHandler(handler)
