@@ -59,7 +59,9 @@ def plot(runs, out):
         return
     stage1 = next(r for r in runs if r['stage'] == 'stage1')
     stage2 = sorted((r for r in runs if r['stage'] == 'stage2'), key=lambda r: r['H2T'])
-    h2t = min(stage2, key=lambda r: abs(r['H2T'] - 0.25)) if stage2 else None
+    # the shipped H2T setting (rho 0.25) where it was run, else the smallest rho that fuses anything
+    fusing = [r for r in stage2 if r['H2T'] > 0]
+    h2t = next((r for r in fusing if r['H2T'] == 0.25), fusing[0] if fusing else None)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     classes = range(len(stage1['best']['per_class_acc']))

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import torch
 
@@ -99,3 +100,26 @@ def test_device_augmentation_gives_each_sample_its_own_offset_and_normalises():
     # offsets 0..8 in each direction: the share of padding pixels differs from sample to sample
     assert len(set(padding.tolist())) > 10
     assert (padding == 0).any()  # offset (4, 4) keeps the whole image
+
+
+@pytest.mark.parametrize('sampling', ['instance', 'balanced'])
+def test_ranks_together_draw_the_single_process_batches(sampling, monkeypatch):
+    """Under torchrun each rank takes every world_size-th sample of the same global batch."""
+    from utils import distributed
+
+    def batches(rank, world):
+        monkeypatch.setattr(distributed, 'rank', lambda: rank)
+        monkeypatch.setattr(distributed, 'world_size', lambda: world)
+        torch.manual_seed(0)
+        loader = make_loader(sampling=sampling, dual=True)
+        return len(loader), list(loader)
+
+    steps, single = batches(0, 1)
+    steps0, rank0 = batches(0, 2)
+    steps1, rank1 = batches(1, 2)
+    assert steps == steps0 == steps1
+    for whole, a, b in zip(single, rank0, rank1):
+        for part in range(4):  # x1, y1, x2, y2
+            merged = torch.empty_like(whole[part])
+            merged[0::2], merged[1::2] = a[part], b[part]
+            assert torch.equal(merged, whole[part])
