@@ -84,6 +84,9 @@ def plot(runs, out):
         fig.savefig(os.path.join(out, 'rho.png'), dpi=120)
 
     target = h2t or stage1
+    if 'reliability' not in target['best']:
+        print(f"{target['run_dir']} predates per-bin reliability in summary.json: no reliability plot")
+        return
     rel = target['best']['reliability']
     count, acc, conf = rel['count'], rel['accuracy'], rel['confidence']
     fig, ax = plt.subplots(figsize=(4, 4))
@@ -102,11 +105,12 @@ def plot(runs, out):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', required=True)
+    parser.add_argument('--commit', help='the commit the runs were made with (default: the checkout\'s HEAD)')
     parser.add_argument('runs', nargs='+', help='run folders (saved/<name>_<time>)')
     args = parser.parse_args()
     runs = [load_run(r) for r in args.runs]
     os.makedirs(args.out, exist_ok=True)
-    meta = {'commit': git_commit(), 'machine': machine(), 'collected': time.strftime('%Y-%m-%d %H:%M')}
+    meta = {'commit': args.commit or git_commit(), 'machine': machine(), 'collected': time.strftime('%Y-%m-%d %H:%M')}
     with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
         json.dump({'meta': meta, 'runs': runs}, f, indent=1)
     keys = ['top1', 'top5', 'many', 'medium', 'few', 'ece']

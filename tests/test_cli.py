@@ -118,6 +118,15 @@ def test_incomplete_data_folder(cifar10_root, tmp_path):
     bad('train_stage1.py', STAGE1, 'data_path', str(partial), tmp_path=tmp_path, match='lacks data_batch_4')
 
 
+def test_truncated_batch_file(cifar10_root, tmp_path):
+    import shutil
+    broken = tmp_path / 'broken'
+    shutil.copytree(cifar10_root, broken)
+    path = broken / 'cifar-10-batches-py' / 'test_batch'
+    path.write_bytes(path.read_bytes()[:1000])
+    bad('train_stage1.py', STAGE1, 'data_path', str(broken), tmp_path=tmp_path, match='test_batch')
+
+
 def test_stage2_without_resume(cifar10_root, tmp_path):
     bad('train_stage2.py', STAGE2, 'data_path', cifar10_root, tmp_path=tmp_path, match='needs a checkpoint')
 
