@@ -40,3 +40,12 @@ def test_top1_top5_and_splits():
     assert m['per_class_acc'] == [100.0] * 3 + [50.0] * 7
     assert m['top5'] == pytest.approx(85.0)
     assert m['confidence'] == pytest.approx(0.91)
+
+
+def test_reported_ece_is_the_hand_computed_one():
+    cfg = get_default_config()
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    targets = torch.tensor([0, 1, 1, 0])  # right (0.9), wrong (0.6), right (0.7), wrong (0.8)
+    # bins: 0.6 -> (8/15, 9/15], 0.7 -> (10/15, 11/15], 0.8 -> (11/15, 12/15], 0.9 -> (13/15, 14/15]
+    expected = (0.1 + 0.6 + 0.3 + 0.8) / 4
+    assert classification_metrics(probs, targets, cfg)['ece'] == pytest.approx(expected)

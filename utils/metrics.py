@@ -13,22 +13,31 @@ def confidence_bins(confidence, n_bins=N_BINS):
     return (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)
 
 
+def calibration_sums(confidence, correct, n_bins=N_BINS):
+    """Per confidence bin: the count, the summed confidence and the number of correct predictions."""
+    bins = confidence_bins(confidence, n_bins)
+    return {'bin_count': torch.bincount(bins, minlength=n_bins).double(),
+            'bin_confidence': torch.bincount(bins, weights=confidence.double(), minlength=n_bins),
+            'bin_correct': torch.bincount(bins, weights=correct.double(), minlength=n_bins)}
+
+
+def ece_from_sums(sums):
+    """ECE: sum over bins of |accuracy - mean confidence| * bin share."""
+    return ((sums['bin_correct'] - sums['bin_confidence']).abs().sum() / sums['bin_count'].sum()).item()
+
+
 def metric_sums(probs, targets, n_bins=N_BINS):
     """Sufficient statistics of a batch of softmax outputs `probs` [N, C] with labels `targets` [N]:
-    per-class counts and hits, top-5 hits, per confidence bin the count, summed confidence and hits,
-    and the NLL sum."""
+    per-class counts and hits, top-5 hits, the calibration sums and the NLL sum."""
     num_classes = probs.size(1)
     confidence, pred = probs.max(dim=1)
     correct = pred.eq(targets).double()
     top5 = probs.topk(min(5, num_classes), dim=1).indices.eq(targets[:, None]).any(dim=1).double()
-    bins = confidence_bins(confidence, n_bins)
     return {
         'class_total': torch.bincount(targets, minlength=num_classes).double(),
         'class_correct': torch.bincount(targets, weights=correct, minlength=num_classes),
         'top5': top5.sum().reshape(1),
-        'bin_count': torch.bincount(bins, minlength=n_bins).double(),
-        'bin_confidence': torch.bincount(bins, weights=confidence.double(), minlength=n_bins),
-        'bin_correct': torch.bincount(bins, weights=correct, minlength=n_bins),
+        **calibration_sums(confidence, correct, n_bins),
         'nll': -torch.log(probs.gather(1, targets[:, None]).clamp_min(1e-12)).double().sum().reshape(1),
     }
 
@@ -54,7 +63,7 @@ def finalize(sums, cfg):
         'top1': (sums['class_correct'].sum() / n).item() * 100,
         'top5': (sums['top5'].sum() / n).item() * 100,
         **split_accuracy(per_class_acc, cfg),
-        'ece': ((sums['bin_correct'] - sums['bin_confidence']).abs().sum() / n).item(),
+        'ece': ece_from_sums(sums),
         'confidence': (sums['bin_confidence'].sum() / n).item(),
         'loss': (sums['nll'].sum() / n).item(),
         'per_class_acc': [round(a * 100, 2) for a in per_class_acc.tolist()],
@@ -69,8 +78,5 @@ def classification_metrics(probs, targets, cfg):
 
 
 def expected_calibration_error(confidence, correct, n_bins=N_BINS):
-    """ECE of max-softmax `confidence` [N] with `correct` [N]: sum over bins of |acc - conf| * share."""
-    bins = confidence_bins(confidence, n_bins)
-    gap = torch.zeros(n_bins, dtype=torch.float64)
-    gap.index_add_(0, bins, correct.double() - confidence.double())
-    return (gap.abs().sum() / len(confidence)).item()
+    """ECE of max-softmax `confidence` [N] with `correct` [N] (bool), as the evaluation computes it."""
+    return ece_from_sums(calibration_sums(confidence, correct, n_bins))
