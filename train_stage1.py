@@ -18,9 +18,9 @@ def main(argv=None):
     params = list(s.backbone.parameters()) + list(s.classifier.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if s.resume_state is None and s.run:
-        s.logger.info(f'{s.run[3]}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, {len(s.data.train_set)} training images '
+        s.logger.info(f'{s.run.name}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, {len(s.data.train_set)} training images '
                       f'{s.data.cls_num_list}, {cfg.backbone} on {s.device} ({s.precision}) x '
-                      f'{distributed.world_size()} process(es), run folder {s.run[0]}')
+                      f'{distributed.world_size()} process(es), run folder {s.run.dir}')
     backbone, classifier = distributed.wrap(s.backbone, s.device), distributed.wrap(s.classifier, s.device)
     fit(backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage1', s.resume_state)
 

@@ -21,9 +21,9 @@ def main(argv=None):
     optimizer = torch.optim.SGD(s.classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     if s.resume_state is None and s.run:
-        s.logger.info(f'{s.run[3]}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, H2T rho={cfg.H2T}, '
+        s.logger.info(f'{s.run.name}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, H2T rho={cfg.H2T}, '
                       f'shift_bn={cfg.shift_bn}, from {cfg.resume}, on {s.device} ({s.precision}) x '
-                      f'{distributed.world_size()} process(es), run folder {s.run[0]}')
+                      f'{distributed.world_size()} process(es), run folder {s.run.dir}')
     classifier = distributed.wrap(s.classifier, s.device)
     fit(s.backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage2',
         s.resume_state)

@@ -5,6 +5,7 @@ import os
 import random
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -58,6 +59,9 @@ def seed_everything(seed, deterministic=False):
         torch.backends.cudnn.benchmark = True
 
 
+RunDir = namedtuple('RunDir', 'dir log_dir ckpt_dir name')
+
+
 def create_run_dir(cfg):
     """saved/<name>_<YYYYmmddHHMM>/{logs,ckps}; created only once all inputs have been checked."""
     name = cfg.name or f'{cfg.dataset}_{cfg.mode}'
@@ -71,7 +75,7 @@ def create_run_dir(cfg):
     os.makedirs(ckpt_dir)
     with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
         f.write(cfg.dump())
-    return run_dir, log_dir, ckpt_dir, name
+    return RunDir(run_dir, log_dir, ckpt_dir, name)
 
 
 def get_logger(log_file=None, quiet=False):

@@ -11,15 +11,15 @@ from . import distributed
 from .checkpoint import load_checkpoint, load_weights
 from .config import load_config, parse_args
 from .errors import UserError
-from .runtime import create_run_dir, get_logger, select_device, select_precision, seed_everything
+from .runtime import RunDir, create_run_dir, get_logger, select_device, select_precision, seed_everything
 
 
 def prepare(description, stage=None, checkpoint='optional', argv=None):
     """Parse `--cfg FILE KEY VALUE ...`, check everything the run needs, and build it.
 
     Returns a namespace: cfg, device, precision, data, backbone, classifier, ckpt, resume_state
-    (the checkpoint when `auto_resume` continues a run), run (run_dir, log_dir, ckpt_dir, name;
-    training scripts on rank 0 only) and logger.
+    (the checkpoint when `auto_resume` continues a run), run (a RunDir; training scripts on rank 0
+    only, else None) and logger.
     """
     args = parse_args(description, argv)
     cfg = load_config(args.cfg, args.opts)
@@ -64,11 +64,11 @@ def prepare(description, stage=None, checkpoint='optional', argv=None):
         if resume_state is not None:
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume)))
             name = cfg.name or os.path.basename(run_dir).rsplit('_', 1)[0]
-            run = (run_dir, os.path.join(run_dir, cfg.log_dir), os.path.join(run_dir, cfg.model_dir), name)
-            os.makedirs(run[1], exist_ok=True)
+            run = RunDir(run_dir, os.path.join(run_dir, cfg.log_dir), os.path.join(run_dir, cfg.model_dir), name)
+            os.makedirs(run.log_dir, exist_ok=True)
         else:
             run = create_run_dir(cfg)
-        log_file = os.path.join(run[1], f'{run[3]}.txt')
+        log_file = os.path.join(run.log_dir, f'{run.name}.txt')
     logger = get_logger(log_file, quiet=not distributed.is_main())
     return SimpleNamespace(cfg=cfg, device=device, precision=precision, data=data, backbone=backbone,
                            classifier=classifier, ckpt=ckpt, resume_state=resume_state, run=run, logger=logger)
