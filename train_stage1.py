@@ -4,10 +4,8 @@
     torchrun --nproc_per_node=N train_stage1.py --cfg ...            (N processes, one global batch)
     python train_stage1.py --cfg ... resume saved/<run>/ckps/current.pth.tar auto_resume True   (continue)
 """
-import torch
-
 from utils import distributed
-from utils.engine import fit
+from utils.engine import fit, make_optimizer
 from utils.errors import run_cli
 from utils.setup import prepare
 
@@ -15,8 +13,7 @@ from utils.setup import prepare
 def main(argv=None):
     s = prepare('Stage 1: representation learning', 'stage1', argv=argv)
     cfg = s.cfg
-    params = list(s.backbone.parameters()) + list(s.classifier.parameters())
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(s.backbone, s.classifier, cfg, 'stage1')
     if s.resume_state is None and s.run:
         s.logger.info(f'{s.run.name}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, {len(s.data.train_set)} training images '
                       f'{s.data.cls_num_list}, {cfg.backbone} on {s.device} ({s.precision}) x '

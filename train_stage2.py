@@ -6,10 +6,8 @@ The backbone gets no gradient; with `shift_bn: True` it stays in train mode, so 
 running statistics follow the stage-2 data. `H2T` is rho, the fraction of fused channels (0 = cRT).
 To continue an interrupted stage-2 run: `resume saved/<stage-2 run>/ckps/current.pth.tar auto_resume True`.
 """
-import torch
-
 from utils import distributed
-from utils.engine import fit
+from utils.engine import fit, make_optimizer
 from utils.errors import run_cli
 from utils.setup import prepare
 
@@ -17,9 +15,7 @@ from utils.setup import prepare
 def main(argv=None):
     s = prepare('Stage 2: classifier re-training', 'stage2', checkpoint='required', argv=argv)
     cfg = s.cfg
-    s.backbone.requires_grad_(False)
-    optimizer = torch.optim.SGD(s.classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(s.backbone, s.classifier, cfg, 'stage2')
     if s.resume_state is None and s.run:
         s.logger.info(f'{s.run.name}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, H2T rho={cfg.H2T}, '
                       f'shift_bn={cfg.shift_bn}, from {cfg.resume}, on {s.device} ({s.precision}) x '

@@ -18,12 +18,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from datasets import build_data  # noqa: E402
-from models import build_model  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.engine import stage1_loss, stage2_loss  # noqa: E402
+from utils.engine import make_optimizer, train_step  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.runtime import select_device, select_precision  # noqa: E402
+from utils.setup import prepare  # noqa: E402
 
 CONFIGS = {'stage1': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',
            'stage2': 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'}
@@ -39,25 +36,13 @@ def peak_memory_mb(device):
 
 def images_per_second(stage, path, args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = load_config(os.path.join(root, CONFIGS[stage]), ['data_path', args.data_path, 'device', args.device,
-                                                           *map(str, PATHS[path])])
-    device = select_device(cfg)
-    precision = select_precision(cfg, device)
-    torch.manual_seed(0)
-    backbone, classifier = build_model(cfg)
-    backbone.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    classifier.to(device)
-    if stage == 'stage1':
-        params = list(backbone.parameters()) + list(classifier.parameters())
-        backbone.train()
-    else:
-        backbone.requires_grad_(False)
-        params = list(classifier.parameters())
-        backbone.train(cfg.shift_bn)
+    overrides = ['data_path', args.data_path, 'device', args.device, *map(str, PATHS[path])]
+    s = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage]), *overrides])
+    cfg, device, precision, backbone, classifier = s.cfg, s.device, s.precision, s.backbone, s.classifier
+    optimizer = make_optimizer(backbone, classifier, cfg, stage)
+    backbone.train(stage == 'stage1' or cfg.shift_bn)
     classifier.train()
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    step_fn = stage1_loss if stage == 'stage1' else stage2_loss
-    loader = build_data(cfg, device).train_loader()
+    loader = s.data.train_loader()
 
     def batches():
         while True:
@@ -68,10 +53,7 @@ def images_per_second(stage, path, args):
     def run(steps):
         images = 0
         for _ in range(steps):
-            loss, _, y = step_fn(backbone, classifier, next(stream), cfg, device, precision)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, _, y = train_step(backbone, classifier, next(stream), optimizer, cfg, device, precision, stage)
             images += len(y)
         loss.item()  # wait for the device
         if device.type == 'cuda':

@@ -70,13 +70,31 @@ def stage2_loss(backbone, classifier, batch, cfg, device, precision):
     return cross_entropy(out, y1), out, y1
 
 
+def make_optimizer(backbone, classifier, cfg, stage):
+    """SGD over what the stage trains: backbone and classifier in stage 1; in stage 2 the classifier
+    only, with the backbone frozen (requires_grad off)."""
+    if stage == 'stage2':
+        backbone.requires_grad_(False)
+    params = [p for m in (backbone, classifier) for p in m.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage):
+    """One optimisation step of the stage's loss; returns (loss, logits, labels)."""
+    step_fn = stage1_loss if stage == 'stage1' else stage2_loss
+    loss, out, y = step_fn(backbone, classifier, batch, cfg, device, precision)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), out.detach(), y
+
+
 def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precision, epoch, logger, stage):
     """One pass over `loader`; returns {'loss', 'train_acc'} summed over all ranks.
 
     Host syncs only every print_freq steps. A NaN/inf loss raises a UserError naming the first bad
     step, before anything of this epoch is saved, so the last checkpoint stays the last good one.
     """
-    step_fn = stage1_loss if stage == 'stage1' else stage2_loss
     classifier.train()
     backbone.train(stage == 'stage1' or cfg.shift_bn)
     # loss sum, correct, seen, first non-finite step (+1; 0 = none): one tensor, one all_reduce
@@ -85,14 +103,10 @@ def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precis
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.num_epochs}', leave=False, file=sys.stderr,
                disable=not (sys.stderr.isatty() and distributed.is_main()), dynamic_ncols=True)
     for step, batch in enumerate(bar):
-        loss, out, y = step_fn(backbone, classifier, batch, cfg, device, precision)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss = loss.detach()
+        loss, out, y = train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage)
         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step + 1, first_bad)
         stats[0] += loss * len(y)
-        stats[1] += out.detach().argmax(1).eq(y).sum()
+        stats[1] += out.argmax(1).eq(y).sum()
         stats[2] += len(y)
         last = step + 1 == len(loader)
         if (step + 1) % cfg.print_freq == 0 or last:
