@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.engine import make_optimizer, train_step  # noqa: E402
+from utils.engine import make_optimizer, set_train_mode, train_step  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.setup import prepare  # noqa: E402
 
@@ -40,8 +40,7 @@ def images_per_second(stage, path, args):
     s = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage]), *overrides])
     cfg, device, precision, backbone, classifier = s.cfg, s.device, s.precision, s.backbone, s.classifier
     optimizer = make_optimizer(backbone, classifier, cfg, stage)
-    backbone.train(stage == 'stage1' or cfg.shift_bn)
-    classifier.train()
+    set_train_mode(backbone, classifier, cfg, stage)
     loader = s.data.train_loader()
 
     def batches():

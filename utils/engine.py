@@ -89,14 +89,20 @@ def train_step(backbone, classifier, batch, optimizer, cfg, device, precision, s
     return loss.detach(), out.detach(), y
 
 
+def set_train_mode(backbone, classifier, cfg, stage):
+    """Classifier in train mode; the backbone too in stage 1, and in stage 2 only with `shift_bn`
+    (its BatchNorm then normalises with batch statistics and updates its running statistics)."""
+    classifier.train()
+    backbone.train(stage == 'stage1' or cfg.shift_bn)
+
+
 def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precision, epoch, logger, stage):
     """One pass over `loader`; returns {'loss', 'train_acc'} summed over all ranks.
 
     Host syncs only every print_freq steps. A NaN/inf loss raises a UserError naming the first bad
     step, before anything of this epoch is saved, so the last checkpoint stays the last good one.
     """
-    classifier.train()
-    backbone.train(stage == 'stage1' or cfg.shift_bn)
+    set_train_mode(backbone, classifier, cfg, stage)
     # loss sum, correct, seen, first non-finite step (+1; 0 = none): one tensor, one all_reduce
     stats = torch.zeros(3, device=device)
     first_bad = torch.zeros((), dtype=torch.long, device=device)
