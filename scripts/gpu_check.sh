@@ -29,10 +29,17 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$OUT/gpu.txt"
 
-python3 benchmarks/throughput.py --device "$DEVICE" --steps "${BENCH_STEPS:-50}" 2>&1 | tee "$OUT/throughput.txt"
+NO_COMPILE=(); BENCH_FLAGS=()
+# the stage-1 config compiles; without Triton (CUDA) or a C++ compiler (CPU) run it eager and say so
+if ! python3 -c "import sys, torch; from utils.runtime import check_compile_toolchain as c; c(torch.device(sys.argv[1]))" \
+        "$DEVICE" 2>> "$OUT/gpu.txt"; then
+    echo "torch.compile toolchain missing: runs with compile False" | tee -a "$OUT/gpu.txt"
+    NO_COMPILE=(compile False); BENCH_FLAGS=(--no-compile)
+fi
+python3 benchmarks/throughput.py --device "$DEVICE" --steps "${BENCH_STEPS:-50}" "${BENCH_FLAGS[@]}" 2>&1 | tee "$OUT/throughput.txt"
 
 SAVE=/tmp/gpu_saved
-EXTRA=(save_dir "$SAVE" device "$DEVICE" print_freq 1000 ${GPU_CHECK_OVERRIDES:-})
+EXTRA=(save_dir "$SAVE" device "$DEVICE" print_freq 1000 "${NO_COMPILE[@]}" ${GPU_CHECK_OVERRIDES:-})
 start=$(date +%s)
 python3 train_stage1.py --cfg config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml "${EXTRA[@]}" 2>&1 | tee "$OUT/stage1.log"
 mid=$(date +%s)

@@ -8,7 +8,7 @@ from conftest import ROOT
 
 
 def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
-    tiny = f'data_path {cifar10_root} num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1'
+    tiny = f'data_path {cifar10_root} num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
     env = dict(os.environ, STAGE1_OVERRIDES=tiny, STAGE2_OVERRIDES=tiny, SAVE_DIR=str(tmp_path / 'saved'),
                RESULTS=str(tmp_path / 'results'))
     result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0', '0.5'], cwd=ROOT,

@@ -19,7 +19,7 @@ from utils.errors import UserError
 STAGE1 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml')
 STAGE2 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml')
 TINY = ['batch_size', '16', 'eval_batch_size', '64', 'print_freq', '5', 'imb_factor', '0.1', 'device', 'cpu',
-        'precision', 'fp32', 'deterministic', 'True']
+        'precision', 'fp32', 'deterministic', 'True', 'compile', 'False']
 
 
 def args(cfg, root, save, *extra):
@@ -168,6 +168,14 @@ def test_nan_loss_on_the_command_line_exits_2(cifar10_root, tmp_path):
 def test_batch_size_and_epochs_below_one(key, tmp_path):
     result = run_script('train_stage1.py', '--cfg', STAGE1, 'save_dir', str(tmp_path / 's'), key, '0')
     assert result.returncode == 2 and result.stderr == f'error: {key} 0 must be at least 1\n'
+    assert not os.path.exists(tmp_path / 's')
+
+
+def test_compile_without_a_cpp_compiler_stops_before_writing(cifar10_root, tmp_path, monkeypatch):
+    from torch._inductor import config as inductor_config
+    monkeypatch.setattr(inductor_config.cpp, 'cxx', ('no-such-c++',))
+    with pytest.raises(UserError, match=r'compile True on CPU needs a C\+\+ compiler.*add `compile False`'):
+        train_stage1.main(args(STAGE1, cifar10_root, tmp_path / 's', 'compile', 'True'))
     assert not os.path.exists(tmp_path / 's')
 
 

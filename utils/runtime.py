@@ -48,6 +48,25 @@ def autocast(device, precision):
     return contextlib.nullcontext()
 
 
+def check_compile_toolchain(device):
+    """torch.compile writes C++ kernels on CPU and Triton kernels on CUDA: stop before training, with
+    the fix, where the toolchain is missing, rather than at the first step."""
+    if device.type == 'cpu':
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import cpp_compiler_search
+        try:
+            cpp_compiler_search(tuple(inductor_config.cpp.cxx))
+        except Exception:
+            names = ', '.join(c for c in inductor_config.cpp.cxx if c)
+            raise UserError(f'compile True on CPU needs a C++ compiler and none was found (looked for {names}); '
+                            f'install one (or point CXX at it) or add `compile False`')
+    elif device.type == 'cuda':
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            raise UserError('compile True on CUDA needs Triton, which is not installed; '
+                            '`pip install triton` or add `compile False`')
+
+
 def seed_everything(seed, deterministic=False):
     random.seed(seed)
     np.random.seed(seed)

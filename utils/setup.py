@@ -11,7 +11,8 @@ from . import distributed
 from .checkpoint import load_checkpoint, load_weights
 from .config import load_config, parse_args
 from .errors import UserError
-from .runtime import RunDir, create_run_dir, get_logger, select_device, select_precision, seed_everything
+from .runtime import (RunDir, check_compile_toolchain, create_run_dir, get_logger, select_device, select_precision,
+                      seed_everything)
 
 
 def prepare(description, stage=None, checkpoint='optional', argv=None):
@@ -54,7 +55,8 @@ def prepare(description, stage=None, checkpoint='optional', argv=None):
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     backbone.to(device, memory_format=memory_format)
     classifier.to(device)
-    if cfg.compile:
+    if cfg.compile and stage:
+        check_compile_toolchain(device)
         backbone.compile()  # in place: state_dict keys stay those of the checkpoints
         classifier.compile()
     data = build_data(cfg, device)
