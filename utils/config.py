@@ -53,7 +53,7 @@ _C.device = 'auto'           # 'auto' (CUDA when present, else CPU) | 'cpu' | 'c
 _C.precision = 'auto'        # 'auto' (bf16 autocast where the hardware has it) | 'fp32' | 'bf16'
 _C.channels_last = True
 _C.compile = False           # torch.compile the model in the training scripts; the stage-1 configs turn it on
-                             # (about 15% a step and 30% an evaluation on CPU, for 1-3 min of compiling once)
+                             # (on CPU about 15% off a step and 30% off an evaluation, for ~3 min of compiling once)
 _C.seed = 0
 _C.deterministic = False
 _C.distributed = False
