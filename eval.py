@@ -13,7 +13,7 @@ from utils.setup import prepare
 
 
 def main(argv=None):
-    s = prepare('Evaluation', checkpoint='required', argv=argv)
+    s = prepare('Evaluation', checkpoint='required', argv=argv, compile_model=False)  # one pass never pays back
     cfg = s.cfg
     metrics = evaluate(s.backbone, s.classifier, s.data.eval_loader(), cfg, s.device, s.precision)
     if not distributed.is_main():

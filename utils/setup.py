@@ -15,12 +15,13 @@ from .runtime import (RunDir, check_compile_toolchain, create_run_dir, get_logge
                       seed_everything)
 
 
-def prepare(description, stage=None, checkpoint='optional', argv=None):
+def prepare(description, stage=None, checkpoint='optional', argv=None, compile_model=True):
     """Parse `--cfg FILE KEY VALUE ...`, check everything the run needs, and build it.
 
     Returns a namespace: cfg, device, precision, data, backbone, classifier, ckpt, resume_state
     (the checkpoint when `auto_resume` continues a run), run (a RunDir; training scripts on rank 0
-    only, else None) and logger.
+    only, else None) and logger. The model is compiled when cfg.compile is set, unless the caller
+    (eval.py: one pass) passes compile_model=False.
     """
     args = parse_args(description, argv)
     cfg = load_config(args.cfg, args.opts)
@@ -55,7 +56,7 @@ def prepare(description, stage=None, checkpoint='optional', argv=None):
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     backbone.to(device, memory_format=memory_format)
     classifier.to(device)
-    if cfg.compile and stage:
+    if cfg.compile and compile_model:
         check_compile_toolchain(device)
         backbone.compile()  # in place: state_dict keys stay those of the checkpoints
         classifier.compile()
