@@ -54,6 +54,7 @@ _C.precision = 'auto'        # 'auto' (bf16 autocast where the hardware has it) 
 _C.channels_last = True
 _C.compile = False           # torch.compile the model in the training scripts; the stage-1 configs turn it on
                              # (on CPU about 15% off a step and 30% off an evaluation, for ~3 min of compiling once)
+_C.keep_freed_memory = True  # CPU: glibc keeps freed activation memory for the next step (no page faults)
 _C.seed = 0
 _C.deterministic = False
 _C.distributed = False

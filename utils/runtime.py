@@ -1,5 +1,7 @@
 """Device, precision, seeding and the run folder: what every script sets up before training."""
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import random
@@ -46,6 +48,25 @@ def autocast(device, precision):
     if precision == 'bf16':
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def keep_freed_memory():
+    """Make glibc keep freed blocks for reuse instead of giving them back to the OS at once.
+
+    With glibc's defaults, blocks above its mmap threshold are unmapped when freed and a free heap top is
+    trimmed, so every CPU training step maps its activations afresh and the kernel zeroes them page by
+    page: measured here ~21k page faults and ~40 ms of system time a compiled step, 1.2M faults an
+    evaluation (~2 s). Raising both thresholds keeps that memory in the process for the next step; it
+    is process-wide and stays on. Returns False, changing nothing, where the C library has no mallopt.
+    """
+    name = ctypes.util.find_library('c')
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # 32 MiB is glibc's largest mmap threshold on 64-bit; a batch's activations are 4-16 MiB each
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def check_compile_toolchain(device):

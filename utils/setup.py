@@ -11,8 +11,8 @@ from . import distributed
 from .checkpoint import load_checkpoint, load_weights
 from .config import load_config, parse_args
 from .errors import UserError
-from .runtime import (RunDir, check_compile_toolchain, create_run_dir, get_logger, select_device, select_precision,
-                      seed_everything)
+from .runtime import (RunDir, check_compile_toolchain, create_run_dir, get_logger, keep_freed_memory, select_device,
+                      select_precision, seed_everything)
 
 
 def prepare(description, stage=None, checkpoint='optional', argv=None, compile_model=True):
@@ -38,6 +38,8 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
     if cuda_index is not None:
         device = torch.device('cuda', cuda_index)
     precision = select_precision(cfg, device)
+    if device.type == 'cpu' and cfg.keep_freed_memory:
+        keep_freed_memory()
     seed_everything(cfg.seed, cfg.deterministic)
 
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
