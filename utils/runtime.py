@@ -69,6 +69,15 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def compile_in_place(*modules):
+    """torch.compile each module in place (its state_dict keys stay those of the checkpoints), with
+    static shapes: under torch's default an epoch's short last batch recompiles a dynamic-batch graph
+    that then serves every full batch as well, measured ~8% slower a step on CPU; static shapes give
+    one graph per batch size instead (full, last, evaluation)."""
+    for module in modules:
+        module.compile(dynamic=False)
+
+
 def check_compile_toolchain(device):
     """torch.compile writes C++ kernels on CPU and Triton kernels on CUDA: stop before training, with
     the fix, where the toolchain is missing, rather than at the first step."""

@@ -11,8 +11,8 @@ from . import distributed
 from .checkpoint import load_checkpoint, load_weights
 from .config import load_config, parse_args
 from .errors import UserError
-from .runtime import (RunDir, check_compile_toolchain, create_run_dir, get_logger, keep_freed_memory, select_device,
-                      select_precision, seed_everything)
+from .runtime import (RunDir, check_compile_toolchain, compile_in_place, create_run_dir, get_logger, keep_freed_memory,
+                      select_device, select_precision, seed_everything)
 
 
 def prepare(description, stage=None, checkpoint='optional', argv=None, compile_model=True):
@@ -60,8 +60,7 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
     classifier.to(device)
     if cfg.compile and compile_model:
         check_compile_toolchain(device)
-        backbone.compile()  # in place: state_dict keys stay those of the checkpoints
-        classifier.compile()
+        compile_in_place(backbone, classifier)
     data = build_data(cfg, device)
 
     run, log_file = None, None
