@@ -1,14 +1,17 @@
 """Training throughput: the authors' data path against this project's fast path, in one process.
 
-    python benchmarks/throughput.py [--data-path data/cifar10] [--steps 20] [--repeats 3]
+    python benchmarks/throughput.py [--data-path data/cifar10] [--steps 20] [--repeats 5]
 
 (a) reference style: PIL transforms in a DataLoader (workers 0), fp32, NCHW, as the authors run it;
-(b) fast path: data on the device, batched crop/flip, channels_last, precision 'auto', freed memory
-    kept for reuse (keep_freed_memory), and torch.compile where the stage's config turns it on
-    (stage 1); its compiling is part of the warm-up, whose time is printed.
+(b) fast path: data on the device, batched crop/flip, channels_last, precision 'auto', and
+    torch.compile where the stage's config turns it on (stage 1); its compiling is part of the
+    warm-up, whose time is printed.
 Both run this project's stage-1 step (CE + mixup, full backward) and stage-2 step (frozen backbone,
-two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100, after warm-up; each figure is
-the median over the repeats. Prints images per second, peak memory, and the ratio b/a last.
+two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100, after warm-up. The two paths
+alternate, one repeat of each per round, so that a machine whose speed drifts over minutes (shared
+VMs) slows both alike; the speed-up is the median of the per-round ratios. On CPU both paths run with
+keep_freed_memory (process-wide, so it cannot differ between alternating rounds). Prints images per
+second, peak memory, and the ratio b/a last.
 """
 import argparse
 import os
@@ -26,8 +29,10 @@ from utils.setup import prepare  # noqa: E402
 
 CONFIGS = {'stage1': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',
            'stage2': 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'}
+# keep_freed_memory is process-wide: both paths get it so that their rounds can alternate (the eager
+# fp32 reference step took 0-1.2k page faults a step without it, the compiled fast step ~21k)
 PATHS = {'reference': ['data_loader', 'torch', 'workers', 0, 'precision', 'fp32', 'channels_last', False,
-                       'compile', False, 'keep_freed_memory', False],
+                       'compile', False, 'keep_freed_memory', True],
          'fast': ['data_loader', 'device', 'precision', 'auto', 'channels_last', True, 'keep_freed_memory', True]}
 
 
@@ -37,45 +42,37 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def images_per_second(stage, path, args):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    overrides = ['data_path', args.data_path, 'device', args.device, *map(str, PATHS[path])]
-    if args.no_compile:
-        overrides += ['compile', 'False']
-    s = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage]), *overrides])
-    cfg, device, precision, backbone, classifier = s.cfg, s.device, s.precision, s.backbone, s.classifier
-    optimizer = make_optimizer(backbone, classifier, cfg, stage)
-    set_train_mode(backbone, classifier, cfg, stage)
-    loader = s.data.train_loader()
+class TrainingSteps:
+    """One stage's training step on one path, fed from an endless stream of its own batches."""
 
-    def batches():
+    def __init__(self, stage, path, args):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        overrides = ['data_path', args.data_path, 'device', args.device, *map(str, PATHS[path])]
+        if args.no_compile:
+            overrides += ['compile', 'False']
+        s = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage]), *overrides])
+        self.cfg, self.device, self.precision = s.cfg, s.device, s.precision
+        self.backbone, self.classifier, self.stage = s.backbone, s.classifier, stage
+        self.optimizer = make_optimizer(s.backbone, s.classifier, s.cfg, stage)
+        self.loader = s.data.train_loader()
+        self.stream = self._batches()
+        self.mode = f'{s.precision}, compiled' if s.cfg.compile else s.precision
+
+    def _batches(self):
         while True:
-            yield from loader
+            yield from self.loader
 
-    stream = batches()
-
-    def run(steps):
-        images = 0
-        for _ in range(steps):
-            loss, _, y = train_step(backbone, classifier, next(stream), optimizer, cfg, device, precision, stage)
-            images += len(y)
-        loss.item()  # wait for the device
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        return images
-
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    run(args.warmup)
-    warmup_s = time.perf_counter() - t
-    rates = []
-    for _ in range(args.repeats):
+    def seconds(self, steps):
+        """Wall time of `steps` training steps, waiting for the device at the end."""
+        set_train_mode(self.backbone, self.classifier, self.cfg, self.stage)
         t = time.perf_counter()
-        n = run(args.steps)
-        rates.append(n / (time.perf_counter() - t))
-    mode = f'{precision}, compiled' if cfg.compile else precision
-    return statistics.median(rates), mode, warmup_s, peak_memory_mb(device)
+        for _ in range(steps):
+            loss, _, _ = train_step(self.backbone, self.classifier, next(self.stream), self.optimizer,
+                                    self.cfg, self.device, self.precision, self.stage)
+        loss.item()
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t
 
 
 def main():
@@ -83,22 +80,35 @@ def main():
     parser.add_argument('--data-path', default='data/cifar10')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--steps', type=int, default=20, help='timed steps per repeat')
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=5, help='rounds, each timing both paths once')
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--no-compile', action='store_true', help='the fast path without torch.compile')
     args = parser.parse_args()
+    batch = 128
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}, '
-          f'batch 128, {args.steps} steps x {args.repeats} repeats after {args.warmup} warm-up steps')
-    results = {}
-    # the reference path first, with the C library's default allocator: keep_freed_memory, once on, stays on
-    for path in ('reference', 'fast'):
-        for stage in ('stage1', 'stage2'):
-            rate, mode, warmup_s, peak = images_per_second(stage, path, args)
-            results[stage, path] = rate
-            print(f'{stage} {path:9s} ({mode}): {rate:7.1f} img/s  {128 / rate * 1000:6.1f} ms/step  '
-                  f'warm-up {warmup_s:5.1f} s  peak memory so far {peak:.0f} MiB', flush=True)
+          f'batch {batch}, {args.steps} steps x {args.repeats} alternating rounds after {args.warmup} warm-up steps')
+    speedups = {}
     for stage in ('stage1', 'stage2'):
-        print(f'{stage} speed-up fast/reference: {results[stage, "fast"] / results[stage, "reference"]:.2f}x')
+        paths = {path: TrainingSteps(stage, path, args) for path in PATHS}
+        device = paths['fast'].device
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        warmup_s = {path: steps.seconds(args.warmup) for path, steps in paths.items()}
+        rates = {path: [] for path in paths}
+        for _ in range(args.repeats):
+            for path, steps in paths.items():
+                rates[path].append(batch * args.steps / steps.seconds(args.steps))
+        for path, steps in paths.items():
+            rate = statistics.median(rates[path])
+            print(f'{stage} {path:9s} ({steps.mode}): {rate:7.1f} img/s  {batch / rate * 1000:6.1f} ms/step  '
+                  f'(rounds {min(rates[path]):.0f}-{max(rates[path]):.0f})  warm-up {warmup_s[path]:5.1f} s',
+                  flush=True)
+        print(f'{stage} peak memory so far: {peak_memory_mb(device):.0f} MiB', flush=True)
+        ratios = [fast / ref for fast, ref in zip(rates['fast'], rates['reference'])]
+        speedups[stage] = statistics.median(ratios), min(ratios), max(ratios)
+        del paths
+    for stage, (median, low, high) in speedups.items():
+        print(f'{stage} speed-up fast/reference: {median:.2f}x (median of per-round ratios; rounds {low:.2f}-{high:.2f}x)')
 
 
 if __name__ == '__main__':
