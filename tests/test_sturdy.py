@@ -219,6 +219,31 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(cifar10_root, tmp_
     assert 'epoch 1 step 5/8' in plain.stdout and 'it/s' not in plain.stderr
 
 
+@pytest.mark.parametrize('ending', ['returns', 'user error'])
+def test_scripts_leave_the_process_group_on_exit(ending, tmp_path):
+    """A gloo group still alive when the interpreter exits can abort a rank with SIGABRT ('terminate called
+    without an active exception'); run_cli destroys it however main() ends."""
+    import torch.distributed as dist
+    from utils.errors import run_cli
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+
+    def main():
+        assert dist.is_initialized()
+        if ending == 'user error':
+            raise UserError('bad input; fix it')
+
+    try:
+        if ending == 'user error':
+            with pytest.raises(SystemExit):
+                run_cli(main)
+        else:
+            run_cli(main)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_two_processes_with_torchrun(cifar10_root, tmp_path):
     """2 CPU ranks (gloo): one checkpoint from rank 0, identical weights on both ranks."""
     save = tmp_path / 'ddp'
