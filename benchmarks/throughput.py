@@ -7,7 +7,8 @@
     torch.compile where the stage's config turns it on (stage 1); its compiling is part of the
     warm-up, whose time is printed.
 Both run this project's stage-1 step (CE + mixup, full backward) and stage-2 step (frozen backbone,
-two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100, after warm-up. The two paths
+two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100, after a warm-up of one epoch
+(which meets the epoch's short last batch, a second compiled shape). The two paths
 alternate, one repeat of each per round, so that a machine whose speed drifts over minutes (shared
 VMs) slows both alike; the speed-up is the median of the per-round ratios. On CPU both paths run with
 keep_freed_memory (process-wide, so it cannot differ between alternating rounds). Prints images per
@@ -62,17 +63,19 @@ class TrainingSteps:
         while True:
             yield from self.loader
 
-    def seconds(self, steps):
-        """Wall time of `steps` training steps, waiting for the device at the end."""
+    def run(self, steps):
+        """Images trained on and wall seconds of `steps` training steps, waiting for the device at the end
+        (an epoch's short last batch counts its own images)."""
         set_train_mode(self.backbone, self.classifier, self.cfg, self.stage)
-        t = time.perf_counter()
+        images, t = 0, time.perf_counter()
         for _ in range(steps):
-            loss, _, _ = train_step(self.backbone, self.classifier, next(self.stream), self.optimizer,
+            loss, _, y = train_step(self.backbone, self.classifier, next(self.stream), self.optimizer,
                                     self.cfg, self.device, self.precision, self.stage)
+            images += len(y)
         loss.item()
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t
+        return images, time.perf_counter() - t
 
 
 def main():
@@ -81,25 +84,26 @@ def main():
     parser.add_argument('--device', default='auto')
     parser.add_argument('--steps', type=int, default=20, help='timed steps per repeat')
     parser.add_argument('--repeats', type=int, default=5, help='rounds, each timing both paths once')
-    parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=None,
+                        help='warm-up steps (default: one epoch, so the short last batch is compiled before timing)')
     parser.add_argument('--no-compile', action='store_true', help='the fast path without torch.compile')
     args = parser.parse_args()
-    batch = 128
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}, '
-          f'batch {batch}, {args.steps} steps x {args.repeats} alternating rounds after {args.warmup} warm-up steps')
+          f'{args.steps} steps x {args.repeats} alternating rounds after {args.warmup or "one epoch of"} warm-up steps')
     speedups = {}
     for stage in ('stage1', 'stage2'):
         paths = {path: TrainingSteps(stage, path, args) for path in PATHS}
         device = paths['fast'].device
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        warmup_s = {path: steps.seconds(args.warmup) for path, steps in paths.items()}
+        warmup_s = {path: steps.run(args.warmup or len(steps.loader))[1] for path, steps in paths.items()}
         rates = {path: [] for path in paths}
         for _ in range(args.repeats):
             for path, steps in paths.items():
-                rates[path].append(batch * args.steps / steps.seconds(args.steps))
+                images, seconds = steps.run(args.steps)
+                rates[path].append(images / seconds)
         for path, steps in paths.items():
-            rate = statistics.median(rates[path])
+            rate, batch = statistics.median(rates[path]), steps.cfg.batch_size
             print(f'{stage} {path:9s} ({steps.mode}): {rate:7.1f} img/s  {batch / rate * 1000:6.1f} ms/step  '
                   f'(rounds {min(rates[path]):.0f}-{max(rates[path]):.0f})  warm-up {warmup_s[path]:5.1f} s',
                   flush=True)
