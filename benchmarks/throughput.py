@@ -8,9 +8,9 @@
     warm-up, whose time is printed.
 Both run this project's stage-1 step (CE + mixup, full backward) and stage-2 step (frozen backbone,
 two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100, after a warm-up of one epoch
-(which meets the epoch's short last batch, a second compiled shape). The two paths
-alternate, one repeat of each per round, so that a machine whose speed drifts over minutes (shared
-VMs) slows both alike; the speed-up is the median of the per-round ratios. On CPU both paths run with
+(which meets the epoch's short last batch, a second compiled shape). The two paths alternate, one
+repeat of each per round, so that a machine whose speed drifts over minutes (shared VMs) slows both
+alike; the speed-up is the median of the per-round ratios. On CPU both paths run with
 keep_freed_memory (process-wide, so it cannot differ between alternating rounds). Prints images per
 second, peak memory, and the ratio b/a last.
 """
@@ -55,6 +55,7 @@ class TrainingSteps:
         self.cfg, self.device, self.precision = s.cfg, s.device, s.precision
         self.backbone, self.classifier, self.stage = s.backbone, s.classifier, stage
         self.optimizer = make_optimizer(s.backbone, s.classifier, s.cfg, stage)
+        set_train_mode(s.backbone, s.classifier, s.cfg, stage)
         self.loader = s.data.train_loader()
         self.stream = self._batches()
         self.mode = f'{s.precision}, compiled' if s.cfg.compile else s.precision
@@ -66,13 +67,13 @@ class TrainingSteps:
     def run(self, steps):
         """Images trained on and wall seconds of `steps` training steps, waiting for the device at the end
         (an epoch's short last batch counts its own images)."""
-        set_train_mode(self.backbone, self.classifier, self.cfg, self.stage)
-        images, t = 0, time.perf_counter()
+        images, loss, t = 0, None, time.perf_counter()
         for _ in range(steps):
             loss, _, y = train_step(self.backbone, self.classifier, next(self.stream), self.optimizer,
                                     self.cfg, self.device, self.precision, self.stage)
             images += len(y)
-        loss.item()
+        if loss is not None:
+            loss.item()  # wait for the device
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         return images, time.perf_counter() - t
@@ -88,15 +89,19 @@ def main():
                         help='warm-up steps (default: one epoch, so the short last batch is compiled before timing)')
     parser.add_argument('--no-compile', action='store_true', help='the fast path without torch.compile')
     args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1 or (args.warmup or 0) < 0:
+        parser.error('--steps and --repeats must be at least 1, --warmup at least 0')
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}, '
-          f'{args.steps} steps x {args.repeats} alternating rounds after {args.warmup or "one epoch of"} warm-up steps')
+          f'{args.steps} steps x {args.repeats} alternating rounds after '
+          f'{"one epoch of" if args.warmup is None else args.warmup} warm-up steps')
     speedups = {}
     for stage in ('stage1', 'stage2'):
         paths = {path: TrainingSteps(stage, path, args) for path in PATHS}
         device = paths['fast'].device
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        warmup_s = {path: steps.run(args.warmup or len(steps.loader))[1] for path, steps in paths.items()}
+        warmup_s = {path: steps.run(len(steps.loader) if args.warmup is None else args.warmup)[1]
+                    for path, steps in paths.items()}
         rates = {path: [] for path in paths}
         for _ in range(args.repeats):
             for path, steps in paths.items():
