@@ -56,8 +56,8 @@ def keep_freed_memory():
     With glibc's defaults, blocks above its mmap threshold are unmapped when freed and a free heap top is
     trimmed, so every CPU training step maps its activations afresh and the kernel zeroes them page by
     page: measured here ~21k page faults and ~40 ms of system time a compiled step (with glibc's
-    initial 128 KiB thresholds forced, 1.2M faults and ~2 s an evaluation). Raising both thresholds keeps that memory in the process for the next step; it
-    is process-wide and stays on. Returns False, changing nothing, where the C library has no mallopt.
+    initial 128 KiB thresholds forced, 1.2M faults and ~2 s an evaluation). Raising both thresholds
+    keeps that memory in the process for the next step; it is process-wide and stays on. Returns False, changing nothing, where the C library has no mallopt.
     """
     name = ctypes.util.find_library('c')
     try:
