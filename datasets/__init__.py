@@ -16,10 +16,12 @@ class CIFAR10_LT:
 
     def train_loader(self):
         """Stage 1: instance sampling; `sampler.type: weighted sampler` makes it class-balanced, and
-        `sampler.dual_sample.enable` adds the instance-sampled fusing branch of stage 2."""
+        `sampler.dual_sample.enable` adds the instance-sampled fusing branch of stage 2 where H2T fuses
+        (rho > 0). At rho 0 the authors never run that branch through the backbone, so it is not drawn:
+        the batches, the random numbers and the BN running statistics are those of a run without it."""
         cfg = self.cfg
         sampling = 'balanced' if cfg.sampler.type == 'weighted sampler' else 'instance'
-        dual = cfg.sampler.dual_sample.enable
+        dual = cfg.sampler.dual_sample.enable and cfg.H2T > 0
         if cfg.data_loader == 'torch':
             return torch_train_loader(self.train_set, cfg.batch_size, self.device, cfg.workers, sampling, dual,
                                       cfg.channels_last)

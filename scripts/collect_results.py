@@ -2,9 +2,14 @@
 
     python scripts/collect_results.py --out results/cifar10_imb001 saved/<stage1 run> saved/<stage2 run> ...
 
-Writes metrics.json (every run: best and last epoch, config, wall time), metrics.csv, per_class.csv,
-and, where matplotlib is installed, per_class.png (stage 1 vs H2T), rho.png (accuracy against rho
-for many/medium/few/all) and reliability.png (the H2T checkpoint's reliability diagram).
+Writes metrics.json (every run: best and last epoch, config, wall time, per-epoch history),
+metrics.csv, per_class.csv, history.csv (each run's epochs: lr, train_loss, train_acc, test_loss,
+accuracies, ECE) and, where matplotlib is installed, per_class.png (stage 1 vs H2T), rho.png
+(accuracy against rho for many/medium/few/all), reliability.png (the H2T checkpoint's reliability
+diagram) and curves.png (training and test loss and test top-1 per epoch, each run). Stage-2 runs
+are told apart by rho, seed and the stage-1 checkpoint they start from (`from`: best = model_best,
+last = the last epoch); with several seeds, seeds.csv gives per (from, rho) the mean and spread of
+top-1 and of the gain over rho 0 of the same seed.
 """
 import argparse
 import csv
@@ -15,6 +20,7 @@ import subprocess
 import time
 
 import torch
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,10 +49,47 @@ def machine():
 def load_run(run_dir):
     with open(os.path.join(run_dir, 'summary.json')) as f:
         summary = json.load(f)
+    # runs written before train_loss/test_loss were kept apart: their `loss` is the test loss
+    for entry in summary['history'] + [summary['best'], summary['last']]:
+        if 'loss' in entry:
+            entry['test_loss'] = entry.pop('loss')
     with open(os.path.join(run_dir, 'config.yaml')) as f:
         summary['config'] = f.read()
+    cfg = yaml.safe_load(summary['config'])
+    summary['seed'] = cfg.get('seed', 0)
+    resume = os.path.basename(cfg.get('resume') or '')
+    summary['from'] = {'model_best.pth.tar': 'best', 'current.pth.tar': 'last'}.get(resume, resume) \
+        if summary['stage'] == 'stage2' else ''
     summary['run_dir'] = run_dir
     return summary
+
+
+# The H2T paper's rho ablation (CIFAR-100-LT IF=100, all classes, best epoch)
+PAPER_RHO = {('cifar100', 0.01): {'top1': {0.0: 45.68, 0.2: 47.58, 0.3: 47.73, 0.5: 47.17, 1.0: 43.57}}}
+
+
+def seed_statistics(runs):
+    """Rows per (from, rho): top-1 mean/sd over seeds and the gain over rho 0 of the same seed and start."""
+    stage2 = [r for r in runs if r['stage'] == 'stage2']
+    base = {(r['from'], r['seed']): r for r in stage2 if r['H2T'] == 0}
+    rows = []
+    for start, rho in sorted({(r['from'], r['H2T']) for r in stage2}):
+        group = [r for r in stage2 if (r['from'], r['H2T']) == (start, rho)]
+        row = {'from': start, 'rho': rho, 'seeds': ' '.join(str(r['seed']) for r in group)}
+        for which in ('best', 'last'):
+            row.update(spread(f'{which}_top1', [r[which]['top1'] for r in group]))
+            gains = [r[which]['top1'] - base[start, r['seed']][which]['top1'] for r in group if (start, r['seed']) in base]
+            if rho != 0 and gains:
+                row.update(spread(f'{which}_gain', gains))
+        rows.append(row)
+    return rows
+
+
+def spread(name, values):
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {f'{name}_mean': round(mean, 3), f'{name}_sd': round(sd, 3), f'{name}_min': round(min(values), 3),
+            f'{name}_max': round(max(values), 3)}
 
 
 def plot(runs, out):
@@ -73,15 +116,39 @@ def plot(runs, out):
     fig.tight_layout()
     fig.savefig(os.path.join(out, 'per_class.png'), dpi=120)
 
-    if stage2:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        rhos = [r['H2T'] for r in stage2]
+    by_rho = {}
+    for r in stage2:
+        if r['from'] in ('best', stage2[0]['from']):
+            by_rho.setdefault(r['H2T'], []).append(r)
+    if by_rho:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        rhos = sorted(by_rho)
         for key, label in (('top1', 'all'), ('many', 'many'), ('medium', 'medium'), ('few', 'few')):
-            ax.plot(rhos, [r['best'][key] for r in stage2], 'o-', label=label)
-        ax.set(xlabel='rho (fraction of fused channels)', ylabel='test accuracy (%)', title='Accuracy vs rho (best epoch)')
-        ax.legend()
+            means = [sum(r['best'][key] for r in by_rho[rho]) / len(by_rho[rho]) for rho in rhos]
+            line, = ax.plot(rhos, means, 'o-', label=f'{label} (here)')
+            paper = PAPER_RHO.get((stage1['dataset'], stage1['imb_factor']), {}).get(key)
+            if paper:
+                ax.plot(list(paper), list(paper.values()), 's--', color=line.get_color(), mfc='none',
+                        label=f'{label} (paper)')
+        seeds = max(len(v) for v in by_rho.values())
+        ax.set(xlabel='rho (fraction of fused channels)', ylabel='test accuracy (%)',
+               title='Accuracy vs rho (best epoch' + (f', mean of {seeds} seeds)' if seeds > 1 else ')'))
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, 'rho.png'), dpi=120)
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for r in runs:
+        epochs = [h['epoch'] for h in r['history']]
+        label = r['name'] if r['stage'] == 'stage1' else f"rho {r['H2T']}"
+        line, = ax_loss.plot(epochs, [h.get('train_loss') for h in r['history']], label=f'{label} train')
+        ax_loss.plot(epochs, [h['test_loss'] for h in r['history']], '--', color=line.get_color(), label=f'{label} test')
+        ax_acc.plot(epochs, [h['top1'] for h in r['history']], color=line.get_color(), label=label)
+    ax_loss.set(xlabel='epoch', ylabel='loss', title='Training (solid) and test (dashed) loss')
+    ax_acc.set(xlabel='epoch', ylabel='test top-1 (%)', title='Test accuracy')
+    ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'curves.png'), dpi=120)
 
     target = h2t or stage1
     if 'reliability' not in target['best']:
@@ -116,19 +183,40 @@ def main():
     keys = ['top1', 'top5', 'many', 'medium', 'few', 'ece']
     with open(os.path.join(args.out, 'metrics.csv'), 'w', newline='') as f:
         w = csv.writer(f)
-        w.writerow(['run', 'stage', 'rho', 'epochs', 'wall_time_s', 'best_epoch'] + [f'best_{k}' for k in keys]
-                   + [f'last_{k}' for k in keys])
+        w.writerow(['run', 'stage', 'rho', 'from', 'seed', 'epochs', 'wall_time_s', 'best_epoch']
+                   + [f'best_{k}' for k in keys] + [f'last_{k}' for k in keys])
         for r in runs:
-            w.writerow([r['name'], r['stage'], r['H2T'] if r['stage'] == 'stage2' else '', r['epochs'], r['wall_time_s'],
-                        r['best_epoch']] + [round(r['best'][k], 4) for k in keys] + [round(r['last'][k], 4) for k in keys])
+            w.writerow([r['name'], r['stage'], r['H2T'] if r['stage'] == 'stage2' else '', r['from'], r['seed'],
+                        r['epochs'], r['wall_time_s'], r['best_epoch']]
+                       + [round(r['best'][k], 4) for k in keys] + [round(r['last'][k], 4) for k in keys])
+    stats = seed_statistics(runs)
+    if stats:
+        columns = list(dict.fromkeys(k for row in stats for k in row))
+        with open(os.path.join(args.out, 'seeds.csv'), 'w', newline='') as f:
+            w = csv.DictWriter(f, columns)
+            w.writeheader()
+            w.writerows(stats)
+        for row in stats:
+            gain = (f", gain over rho 0 {row['best_gain_mean']:+.2f} (sd {row['best_gain_sd']:.2f}, "
+                    f"{row['best_gain_min']:+.2f} to {row['best_gain_max']:+.2f})" if 'best_gain_mean' in row else '')
+            print(f"from {row['from']}, rho {row['rho']}, seeds {row['seeds']}: best top-1 {row['best_top1_mean']:.2f} "
+                  f"(sd {row['best_top1_sd']:.2f}){gain}")
     with open(os.path.join(args.out, 'per_class.csv'), 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['run', 'epoch'] + [f'class_{c}' for c in range(len(runs[0]['best']['per_class_acc']))])
         for r in runs:
             w.writerow([r['name'], 'best'] + r['best']['per_class_acc'])
             w.writerow([r['name'], 'last'] + r['last']['per_class_acc'])
+    history_keys = ['lr', 'train_loss', 'train_acc', 'test_loss', 'top1', 'top5', 'many', 'medium', 'few', 'ece']
+    with open(os.path.join(args.out, 'history.csv'), 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['run', 'stage', 'rho', 'epoch'] + history_keys)
+        for r in runs:
+            for h in r['history']:
+                w.writerow([r['name'], r['stage'], r['H2T'] if r['stage'] == 'stage2' else '', h['epoch']]
+                           + [h.get(k) for k in history_keys])
     plot(runs, args.out)
-    print(f'wrote {args.out}: metrics.json, metrics.csv, per_class.csv and plots')
+    print(f'wrote {args.out}: metrics.json, metrics.csv, per_class.csv, history.csv, seeds.csv and plots')
 
 
 if __name__ == '__main__':

@@ -118,3 +118,17 @@ def test_truncated_batch_file_is_reported(tmp_path):
         f.write(head)
     with pytest.raises(UserError, match='data_batch_3.*corrupt or truncated'):
         IMBALANCECIFAR10(root)
+
+
+REAL_CIFAR100 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'cifar100')
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_CIFAR100, 'cifar-100-python', 'train')),
+                    reason='the official CIFAR-100 is not in data/cifar100 (python ../shared/data/make_cifar100.py data/cifar100)')
+@pytest.mark.parametrize('imb', [200, 100, 50])
+def test_real_cifar100_lt_subsets_have_the_published_totals(imb):
+    train = IMBALANCECIFAR100(REAL_CIFAR100, imb_factor=1 / imb)
+    assert len(train) == TOTALS['cifar100', imb] and len(train.data) == len(train.targets)
+    assert train.get_cls_num_list() == img_num_per_cls(500, 100, 'exp', 1 / imb)
+    test = IMBALANCECIFAR100(REAL_CIFAR100, train=False)
+    assert len(test) == 10000 and set(test.get_cls_num_list()) == {100}

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -171,11 +172,17 @@ def test_batch_size_and_epochs_below_one(key, tmp_path):
     assert not os.path.exists(tmp_path / 's')
 
 
-def test_compile_without_a_cpp_compiler_stops_before_writing(cifar10_root, tmp_path, monkeypatch):
-    from torch._inductor import config as inductor_config
-    monkeypatch.setattr(inductor_config.cpp, 'cxx', ('no-such-c++',))
-    with pytest.raises(UserError, match=r'compile True on CPU needs a C\+\+ compiler.*add `compile False`'):
-        train_stage1.main(args(STAGE1, cifar10_root, tmp_path / 's', 'compile', 'True'))
+def test_compile_without_a_cpp_compiler_stops_before_writing(cifar10_root, tmp_path):
+    """In a process of its own: torch's inductor config is process-global, and patching it here left it
+    broken for the compile test that followed (with a cold compile cache)."""
+    env = {k: v for k, v in os.environ.items() if k != 'TORCH_INDUCTOR_INSTALL_GXX'}
+    env['CXX'] = 'no-such-c++'  # inductor's compiler list is (conda's g++ if installing it, $CXX)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train_stage1.py'),
+                             *args(STAGE1, cifar10_root, tmp_path / 's', 'compile', 'True')],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count('\n') == 1, result.stderr[-2000:]
+    assert re.match(r'error: compile True on CPU needs a C\+\+ compiler .*no-such-c\+\+.*add `compile False`',
+                    result.stderr)
     assert not os.path.exists(tmp_path / 's')
 
 

@@ -188,6 +188,11 @@ def check_config(cfg):
     need(cfg.imb_type in ('exp', 'step'), f"imb_type {cfg.imb_type!r} is unknown; use 'exp' or 'step'")
     need(isinstance(cfg.H2T, (int, float)) and 0 <= cfg.H2T <= 1,
          f'H2T {cfg.H2T} is outside [0, 1]; it is the fraction of fused channels (0 turns fusion off)')
+    need(cfg.mode != 'stage1' or cfg.H2T <= 0,
+         f'H2T {cfg.H2T} is set in a stage-1 config, but fusion is a stage-2 method; remove H2T or set it to 0')
+    need(cfg.mode != 'stage2' or cfg.H2T <= 0 or cfg.sampler.dual_sample.enable,
+         f'H2T {cfg.H2T} fuses channels of the instance-sampled branch, which sampler.dual_sample.enable False '
+         f'turns off; set sampler.dual_sample.enable True, or H2T 0 for plain class-balanced re-training')
     need(cfg.batch_size >= 1, f'batch_size {cfg.batch_size} must be at least 1')
     need(cfg.eval_batch_size >= 1, f'eval_batch_size {cfg.eval_batch_size} must be at least 1')
     need(cfg.num_epochs >= 1, f'num_epochs {cfg.num_epochs} must be at least 1')

@@ -36,38 +36,53 @@ def learning_rate(cfg, epoch):
 
 
 # -- one step of each stage ------------------------------------------------------------------------
+def mix_inputs(x, y, cfg):
+    """Mixup of a batch when cfg.mixup is set: (inputs, (y_a, y_b, lam)); else (x, None)."""
+    if not cfg.mixup:
+        return x, None
+    x, y_a, y_b, lam = mixup_data(x, y, cfg.alpha)
+    return x, (y_a, y_b, lam)
+
+
+def classification_loss(out, y, mix):
+    """CE against y, or the lam-weighted CE of the two label sets of a mixed batch."""
+    if mix is None:
+        return cross_entropy(out, y)
+    return mixup_criterion(cross_entropy, out, *mix)
+
+
 def stage1_loss(backbone, classifier, batch, cfg, device, precision):
     """CE on the batch, with mixup (one lam per batch) when cfg.mixup is set."""
     x, y = batch
-    if cfg.mixup:
-        x, y_a, y_b, lam = mixup_data(x, y, cfg.alpha)
+    x, mix = mix_inputs(x, y, cfg)
     with autocast(device, precision):
         out = classifier(backbone(x))
-    if cfg.mixup:
-        return mixup_criterion(cross_entropy, out, y_a, y_b, lam), out, y
-    return cross_entropy(out, y), out, y
+    return classification_loss(out, y, mix), out, y
 
 
 def stage2_loss(backbone, classifier, batch, cfg, device, precision):
-    """Frozen backbone; H2T fuses the instance branch's channels into the balanced branch's map."""
+    """Frozen backbone; H2T fuses the instance branch's channels into the balanced branch's map.
+
+    As in the authors' loop: mixup (cfg.mixup) mixes the balanced images only, before the backbone;
+    the instance branch exists only where H2T fuses (the loader draws none at rho 0) and stays unmixed.
+    """
+    x1, y1 = batch[:2]
+    x1, mix = mix_inputs(x1, y1, cfg)
     with torch.no_grad(), autocast(device, precision):
         if len(batch) == 2:
-            (x1, y1), f2 = batch, None
-            f1 = backbone(x1)
+            f1, f2 = backbone(x1), None
         elif backbone.training:
             # Train-mode BN normalises with batch statistics: one pass over both branches would mix
             # them and update the running statistics once with the mixture. Two passes keep each
             # branch's own statistics, as the recipe does.
-            x1, y1, x2, _ = batch
-            f1, f2 = backbone(x1), backbone(x2)
+            f1, f2 = backbone(x1), backbone(batch[2])
         else:
             # Eval-mode BN is per-sample, so one pass over the concatenation is exactly two passes.
-            x1, y1, x2, _ = batch
-            f1, f2 = backbone(torch.cat([x1, x2])).chunk(2)
-    fused = H2T(f1, f2, cfg.H2T) if f2 is not None else f1
+            f1, f2 = backbone(torch.cat([x1, batch[2]])).chunk(2)
+    fused = f1 if f2 is None else H2T(f1, f2, cfg.H2T)
     with autocast(device, precision):
         out = classifier(fused)
-    return cross_entropy(out, y1), out, y1
+    return classification_loss(out, y1, mix), out, y1
 
 
 def make_optimizer(backbone, classifier, cfg, stage):
@@ -97,7 +112,7 @@ def set_train_mode(backbone, classifier, cfg, stage):
 
 
 def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precision, epoch, logger, stage):
-    """One pass over `loader`; returns {'loss', 'train_acc'} summed over all ranks.
+    """One pass over `loader`; returns {'train_loss', 'train_acc'} summed over all ranks.
 
     Host syncs only every print_freq steps. A NaN/inf loss raises a UserError naming the first bad
     step, before anything of this epoch is saved, so the last checkpoint stays the last good one.
@@ -125,7 +140,7 @@ def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precis
             if bar.disable and not last and distributed.is_main():
                 logger.info(f'  epoch {epoch + 1} step {step + 1}/{len(loader)} loss {avg:.4f}')
             bar.set_postfix(loss=f'{avg:.4f}')
-    return {'loss': (reduced[0] / reduced[2]).item(), 'train_acc': (reduced[1] / reduced[2]).item() * 100}
+    return {'train_loss': (reduced[0] / reduced[2]).item(), 'train_acc': (reduced[1] / reduced[2]).item() * 100}
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -226,13 +241,14 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
                         **{k: v for k, v in test.items() if k not in ('per_class_acc', 'reliability')}})
         if not main:
             continue
-        logger.info(f"Epoch [{epoch + 1}/{cfg.num_epochs}] lr {lr:.5f} loss {train['loss']:.4f} "
+        logger.info(f"Epoch [{epoch + 1}/{cfg.num_epochs}] lr {lr:.5f} loss {train['train_loss']:.4f} "
                     f"train_acc {train['train_acc']:.2f} | test {format_metrics(test)} | best {best['top1']:.2f} "
                     f"(epoch {best_epoch}) | {t1 - t0:.1f}s train {t2 - t1:.1f}s eval")
-        for key, value in [('loss', train['loss']), ('lr', lr), ('train_acc', train['train_acc'])]:
+        for key, value in [('loss', train['train_loss']), ('lr', lr), ('train_acc', train['train_acc'])]:
             writer.add_scalar(f'train/{key}', value, epoch + 1)
         for key in ('top1', 'top5', 'many', 'medium', 'few', 'ece'):
             writer.add_scalar(f'test/{key}', test[key], epoch + 1)
+        writer.add_scalar('test/loss', test['test_loss'], epoch + 1)
         writer.flush()
         state = training_state(epoch + 1, backbone, classifier, optimizer, cfg, best, best_epoch, history)
         save_checkpoint(state, os.path.join(ckpt_dir, 'current.pth.tar'))

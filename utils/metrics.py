@@ -65,7 +65,7 @@ def finalize(sums, cfg):
         **split_accuracy(per_class_acc, cfg),
         'ece': ece_from_sums(sums),
         'confidence': (sums['bin_confidence'].sum() / n).item(),
-        'loss': (sums['nll'].sum() / n).item(),
+        'test_loss': (sums['nll'].sum() / n).item(),  # mean NLL of the evaluated set
         'per_class_acc': [round(a * 100, 2) for a in per_class_acc.tolist()],
         'reliability': {'count': sums['bin_count'].tolist(),
                         'accuracy': (sums['bin_correct'] / sums['bin_count'].clamp_min(1)).tolist(),
