@@ -53,7 +53,7 @@ class TrainingSteps:
             overrides += ['compile', 'False']
         s = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage]), *overrides])
         self.cfg, self.device, self.precision = s.cfg, s.device, s.precision
-        self.backbone, self.classifier, self.stage = s.backbone, s.classifier, stage
+        self.backbone, self.classifier, self.stage, self.criterion = s.backbone, s.classifier, stage, s.criterion
         self.optimizer = make_optimizer(s.backbone, s.classifier, s.cfg, stage)
         set_train_mode(s.backbone, s.classifier, s.cfg, stage)
         self.loader = s.data.train_loader()
@@ -70,7 +70,7 @@ class TrainingSteps:
         images, loss, t = 0, None, time.perf_counter()
         for _ in range(steps):
             loss, _, y = train_step(self.backbone, self.classifier, next(self.stream), self.optimizer,
-                                    self.cfg, self.device, self.precision, self.stage)
+                                    self.cfg, self.device, self.precision, self.stage, self.criterion)
             images += len(y)
         if loss is not None:
             loss.item()  # wait for the device

@@ -4,10 +4,11 @@ The backbone (`resnet32_fe` and its siblings) returns the last feature map, [B, 
 32x32 input, because H2T fuses channels of that map; `Classifier` pools it and applies `fc`.
 Parameter names match the authors' checkpoints (conv1, bn1, layer1..3.*, fc).
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['ResNet_fe', 'Classifier', 'resnet20_fe', 'resnet32_fe', 'resnet44_fe', 'resnet56_fe',
+__all__ = ['ResNet_fe', 'Classifier', 'NormedLinear', 'resnet20_fe', 'resnet32_fe', 'resnet44_fe', 'resnet56_fe',
            'resnet110_fe', 'BACKBONES']
 
 
@@ -65,16 +66,31 @@ class ResNet_fe(nn.Module):
         return self.layer3(self.layer2(self.layer1(out)))
 
 
-class Classifier(nn.Module):
-    """Global average pooling + Linear(feat_in, num_classes)."""
+class NormedLinear(nn.Module):
+    """Cosine similarity of the L2-normalised input and class weights (LDAM-DRW's head); weight is
+    [feat_in, num_classes] as theirs, no bias."""
 
     def __init__(self, feat_in, num_classes):
         super().__init__()
-        self.fc = nn.Linear(feat_in, num_classes)
+        self.weight = nn.Parameter(torch.empty(feat_in, num_classes).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
+
+
+class Classifier(nn.Module):
+    """Global average pooling + Linear(feat_in, num_classes); with `use_norm`, s times the cosine
+    (NormedLinear), the logits LDAMLoss expects (its margins are subtracted as s * m)."""
+
+    def __init__(self, feat_in, num_classes, use_norm=False, s=30.0):
+        super().__init__()
+        self.fc = NormedLinear(feat_in, num_classes) if use_norm else nn.Linear(feat_in, num_classes)
+        self.scale = s if use_norm else 1.0
         self.apply(_kaiming_init)
 
     def forward(self, x):
-        return self.fc(x.mean(dim=(2, 3)))
+        out = self.fc(x.mean(dim=(2, 3)))
+        return out * self.scale if self.scale != 1.0 else out
 
 
 def resnet20_fe():

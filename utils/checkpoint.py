@@ -58,5 +58,6 @@ def load_weights(module, state_dict, path, part, cfg):
         else:
             detail = f'{len(missing)} missing and {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]}'
         raise UserError(f'checkpoint {path} does not fit the {part} of this config (backbone {cfg.backbone}, '
-                        f'num_classes {cfg.num_classes}): {detail}; use the config it was trained with')
+                        f'num_classes {cfg.num_classes}, use_norm {cfg.use_norm}): {detail}; use the config it was '
+                        f'trained with')
     module.load_state_dict(state_dict)

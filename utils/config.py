@@ -47,6 +47,24 @@ _C.head_class_idx = [0, 1]   # [start, end) of the many-shot classes
 _C.med_class_idx = [0, 1]
 _C.tail_class_idx = [0, 1]
 _C.num_experts = 1
+_C.classifier = 'Classifier'
+_C.use_norm = False          # Classifier: s * cosine of normalised features and weights (LDAM), s = loss.LDAM.s
+
+# loss (loss.py), the authors' keys and defaults
+_C.loss = CN()
+_C.loss.type = 'CrossEntropyLoss'  # 'CrossEntropyLoss' | 'LabelAwareSmoothing' | 'LDAMLoss'
+_C.loss.add_extra_info = False
+_C.loss.CE = CN()
+_C.loss.CE.reweight_CE = False     # class-balanced weights, beta 0.9999
+_C.loss.LDAM = CN()
+_C.loss.LDAM.max_m = 0.5           # the largest margin (the rarest class)
+_C.loss.LDAM.s = 30.0
+_C.loss.LDAM.reweight_epoch = -1   # DRW: class-balanced weights after this epoch (counted from 0); -1 never
+_C.loss.LAS = CN()
+_C.loss.LAS.shape = 'concave'      # how smoothing falls from smooth_head to smooth_tail: concave|linear|convex|exp
+_C.loss.LAS.power = None           # the exponent of shape 'exp'
+_C.smooth_head = None              # LabelAwareSmoothing: smoothing of the largest class (MiSLAS key)
+_C.smooth_tail = None              # ... and of the smallest
 
 # device and run
 _C.device = 'auto'           # 'auto' (CUDA when present, else CPU) | 'cpu' | 'cuda' | 'cuda:N'
@@ -208,6 +226,27 @@ def check_config(cfg):
          f"sampler.weighted_sampler.type {cfg.sampler.weighted_sampler.type!r} is not supported; use 'balance'")
     need(cfg.sampler.dual_sample.type == 'long-tailed',
          f"sampler.dual_sample.type {cfg.sampler.dual_sample.type!r} is not supported; use 'long-tailed'")
+    need(cfg.classifier == 'Classifier', f"classifier {cfg.classifier!r} is not supported; use 'Classifier' "
+         f"(use_norm True gives the cosine head)")
+    from loss import LOSSES, SMOOTHING_SHAPES
+    need(cfg.loss.type in LOSSES, f'loss.type {cfg.loss.type!r} is unknown; use one of {", ".join(LOSSES)}')
+    if cfg.loss.type == 'LabelAwareSmoothing':
+        for key in ('smooth_head', 'smooth_tail'):
+            need(isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool) and 0 <= cfg[key] < 1,
+                 f'{key} {cfg[key]} must be a number in [0, 1) for loss.type LabelAwareSmoothing; e.g. smooth_head 0.4 '
+                 f'smooth_tail 0.1')
+        need(cfg.loss.LAS.shape in SMOOTHING_SHAPES,
+             f'loss.LAS.shape {cfg.loss.LAS.shape!r} is unknown; use one of {", ".join(SMOOTHING_SHAPES)}')
+        need(cfg.loss.LAS.shape != 'exp' or (isinstance(cfg.loss.LAS.power, (int, float)) and cfg.loss.LAS.power > 0),
+             f'loss.LAS.shape exp needs a positive loss.LAS.power, got {cfg.loss.LAS.power}')
+    if cfg.loss.type == 'LDAMLoss':
+        need(cfg.loss.LDAM.s > 0, f'loss.LDAM.s {cfg.loss.LDAM.s} must be positive (the logit scale, 30 in LDAM-DRW)')
+        need(cfg.loss.LDAM.max_m > 0, f'loss.LDAM.max_m {cfg.loss.LDAM.max_m} must be positive (0.5 in LDAM-DRW)')
+        need(cfg.loss.LDAM.reweight_epoch < cfg.num_epochs,
+             f'loss.LDAM.reweight_epoch {cfg.loss.LDAM.reweight_epoch} is not below num_epochs {cfg.num_epochs}, so '
+             f'DRW would never start; lower it (160 of 200 in LDAM-DRW) or set -1 for no re-weighting')
+        need(cfg.loss.LDAM.reweight_epoch >= -1, f'loss.LDAM.reweight_epoch {cfg.loss.LDAM.reweight_epoch} must be -1 '
+             f'(never) or an epoch')
     from models import BACKBONES
     need(cfg.backbone in BACKBONES, f'backbone {cfg.backbone!r} is unknown; use one of {sorted(BACKBONES)}')
     for key in ('head_class_idx', 'med_class_idx', 'tail_class_idx'):

@@ -44,23 +44,23 @@ def mix_inputs(x, y, cfg):
     return x, (y_a, y_b, lam)
 
 
-def classification_loss(out, y, mix):
-    """CE against y, or the lam-weighted CE of the two label sets of a mixed batch."""
+def classification_loss(criterion, out, y, mix):
+    """criterion(out, y), or for a mixed batch the lam-weighted criterion of its two label sets."""
     if mix is None:
-        return cross_entropy(out, y)
-    return mixup_criterion(cross_entropy, out, *mix)
+        return criterion(out, y)
+    return mixup_criterion(criterion, out, *mix)
 
 
-def stage1_loss(backbone, classifier, batch, cfg, device, precision):
-    """CE on the batch, with mixup (one lam per batch) when cfg.mixup is set."""
+def stage1_loss(backbone, classifier, batch, cfg, device, precision, criterion=cross_entropy):
+    """The criterion (loss.py; CE by default) on the batch, with mixup (one lam per batch) when cfg.mixup is set."""
     x, y = batch
     x, mix = mix_inputs(x, y, cfg)
     with autocast(device, precision):
         out = classifier(backbone(x))
-    return classification_loss(out, y, mix), out, y
+    return classification_loss(criterion, out, y, mix), out, y
 
 
-def stage2_loss(backbone, classifier, batch, cfg, device, precision):
+def stage2_loss(backbone, classifier, batch, cfg, device, precision, criterion=cross_entropy):
     """Frozen backbone; H2T fuses the instance branch's channels into the balanced branch's map.
 
     As in the authors' loop: mixup (cfg.mixup) mixes the balanced images only, before the backbone;
@@ -82,7 +82,7 @@ def stage2_loss(backbone, classifier, batch, cfg, device, precision):
     fused = f1 if f2 is None else H2T(f1, f2, cfg.H2T)
     with autocast(device, precision):
         out = classifier(fused)
-    return classification_loss(out, y1, mix), out, y1
+    return classification_loss(criterion, out, y1, mix), out, y1
 
 
 def make_optimizer(backbone, classifier, cfg, stage):
@@ -94,10 +94,10 @@ def make_optimizer(backbone, classifier, cfg, stage):
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage):
+def train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage, criterion=cross_entropy):
     """One optimisation step of the stage's loss; returns (loss, logits, labels)."""
     step_fn = stage1_loss if stage == 'stage1' else stage2_loss
-    loss, out, y = step_fn(backbone, classifier, batch, cfg, device, precision)
+    loss, out, y = step_fn(backbone, classifier, batch, cfg, device, precision, criterion)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -111,7 +111,8 @@ def set_train_mode(backbone, classifier, cfg, stage):
     backbone.train(stage == 'stage1' or cfg.shift_bn)
 
 
-def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precision, epoch, logger, stage):
+def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precision, epoch, logger, stage,
+                    criterion=cross_entropy):
     """One pass over `loader`; returns {'train_loss', 'train_acc'} summed over all ranks.
 
     Host syncs only every print_freq steps. A NaN/inf loss raises a UserError naming the first bad
@@ -124,7 +125,7 @@ def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precis
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.num_epochs}', leave=False, file=sys.stderr,
                disable=not (sys.stderr.isatty() and distributed.is_main()), dynamic_ncols=True)
     for step, batch in enumerate(bar):
-        loss, out, y = train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage)
+        loss, out, y = train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage, criterion)
         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step + 1, first_bad)
         stats[0] += loss * len(y)
         stats[1] += out.argmax(1).eq(y).sum()
@@ -198,7 +199,8 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, stage, resume_state=None):
+def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, stage, resume_state=None,
+        criterion=cross_entropy):
     """Train for cfg.num_epochs, evaluate after each epoch, keep current/model_best checkpoints,
     log to the run folder and TensorBoard, and write summary.json with the best and last epochs.
 
@@ -225,9 +227,11 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr
+        if hasattr(criterion, 'before_epoch'):
+            criterion.before_epoch(epoch)  # DRW switches its class weights on here
         t0 = time.time()
         train = train_one_epoch(backbone, classifier, train_loader, optimizer, cfg, device, precision, epoch,
-                                logger, stage)
+                                logger, stage, criterion)
         if stage == 'stage2' and cfg.shift_bn:
             distributed.average_buffers(unwrap(backbone))
         t1 = time.time()

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import torch
 
 from datasets import build_data
+from loss import build_loss
 from models import build_model
 from . import distributed
 from .checkpoint import load_checkpoint, load_weights
@@ -18,7 +19,8 @@ from .runtime import (RunDir, check_compile_toolchain, compile_in_place, create_
 def prepare(description, stage=None, checkpoint='optional', argv=None, compile_model=True):
     """Parse `--cfg FILE KEY VALUE ...`, check everything the run needs, and build it.
 
-    Returns a namespace: cfg, device, precision, data, backbone, classifier, ckpt, resume_state
+    Returns a namespace: cfg, device, precision, data, backbone, classifier, criterion (loss.type, built
+    from the training set's class counts), ckpt, resume_state
     (the checkpoint when `auto_resume` continues a run), run (a RunDir; training scripts on rank 0
     only, else None) and logger. The model is compiled when cfg.compile is set, unless the caller
     (eval.py: one pass) passes compile_model=False.
@@ -62,6 +64,7 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
         check_compile_toolchain(device)
         compile_in_place(backbone, classifier)
     data = build_data(cfg, device)
+    criterion = build_loss(cfg, data.cls_num_list).to(device)
 
     run, log_file = None, None
     if stage and distributed.is_main():
@@ -75,4 +78,4 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
         log_file = os.path.join(run.log_dir, f'{run.name}.txt')
     logger = get_logger(log_file, quiet=not distributed.is_main())
     return SimpleNamespace(cfg=cfg, device=device, precision=precision, data=data, backbone=backbone,
-                           classifier=classifier, ckpt=ckpt, resume_state=resume_state, run=run, logger=logger)
+                           classifier=classifier, criterion=criterion, ckpt=ckpt, resume_state=resume_state, run=run, logger=logger)
