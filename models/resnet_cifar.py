@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['ResNet_fe', 'Classifier', 'NormedLinear', 'resnet20_fe', 'resnet32_fe', 'resnet44_fe', 'resnet56_fe',
+__all__ = ['ResNet_fe', 'Classifier', 'NormedLinear', 'LearnableWeightScaling', 'resnet20_fe', 'resnet32_fe', 'resnet44_fe', 'resnet56_fe',
            'resnet110_fe', 'BACKBONES']
 
 
@@ -78,19 +78,34 @@ class NormedLinear(nn.Module):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
 
 
+class LearnableWeightScaling(nn.Module):
+    """MiSLAS's stage-2 per-class scale of the logits, learned from 1 (identity)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.learned_norm = nn.Parameter(torch.ones(1, num_classes))
+
+    def forward(self, x):
+        return self.learned_norm * x
+
+
 class Classifier(nn.Module):
     """Global average pooling + Linear(feat_in, num_classes); with `use_norm`, s times the cosine
-    (NormedLinear), the logits LDAMLoss expects (its margins are subtracted as s * m)."""
+    (NormedLinear), the logits LDAMLoss expects (its margins are subtracted as s * m); with `lws`,
+    MiSLAS's LearnableWeightScaling after it (stage 2; absent from stage-1 checkpoints, it starts at 1)."""
 
-    def __init__(self, feat_in, num_classes, use_norm=False, s=30.0):
+    def __init__(self, feat_in, num_classes, use_norm=False, s=30.0, lws=False):
         super().__init__()
         self.fc = NormedLinear(feat_in, num_classes) if use_norm else nn.Linear(feat_in, num_classes)
         self.scale = s if use_norm else 1.0
         self.apply(_kaiming_init)
+        self.lws = LearnableWeightScaling(num_classes) if lws else None
 
     def forward(self, x):
         out = self.fc(x.mean(dim=(2, 3)))
-        return out * self.scale if self.scale != 1.0 else out
+        if self.scale != 1.0:
+            out = out * self.scale
+        return self.lws(out) if self.lws is not None else out
 
 
 def resnet20_fe():

@@ -4,7 +4,9 @@
 #   scripts/reproduce.sh config/cifar10/cifar10_imb001 [RHO ...]        (default rhos: 0 0.25 0.5 1.0)
 #   SEEDS="0 1 2" FROM="best last" scripts/reproduce.sh config/cifar100/cifar100_imb001 0 0.25
 #
-# Uses ${PREFIX}_stage1_ce_mixup.yaml and ${PREFIX}_stage2_ce_H2T.yaml. Environment:
+# Uses ${PREFIX}_stage1_ce_mixup.yaml and ${PREFIX}_stage2_ce_H2T.yaml (METHOD=ce, the default);
+# METHOD=mislas: ..._stage1_ce_mixup.yaml and ..._stage2_mislas_H2T.yaml (rho 0 is MiSLAS itself);
+# METHOD=ldam_drw: ..._stage1_ldam_drw.yaml and ..._stage2_ldam_drw_H2T.yaml. Environment:
 #   STAGE1_OVERRIDES / STAGE2_OVERRIDES  extra `KEY VALUE` pairs (e.g. "num_epochs 2")
 #   STAGE1_CKPT                          skip stage 1 and start stage 2 from this checkpoint
 #   FROM                                 which stage-1 checkpoints stage 2 starts from: best (model_best,
@@ -18,8 +20,14 @@ cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: scripts/reproduce.sh CONFIG_PREFIX [RHO ...]" >&2; exit 2; }
 prefix=$1; shift
 rhos=("$@"); [ ${#rhos[@]} -gt 0 ] || rhos=(0 0.25 0.5 1.0)
-cfg1=${prefix}_stage1_ce_mixup.yaml
-cfg2=${prefix}_stage2_ce_H2T.yaml
+case ${METHOD:-ce} in
+    ce) stage1=stage1_ce_mixup; stage2=stage2_ce_H2T ;;
+    mislas) stage1=stage1_ce_mixup; stage2=stage2_mislas_H2T ;;
+    ldam_drw) stage1=stage1_ldam_drw; stage2=stage2_ldam_drw_H2T ;;
+    *) echo "error: METHOD $METHOD is unknown; use ce, mislas or ldam_drw" >&2; exit 2 ;;
+esac
+cfg1=${prefix}_${stage1}.yaml
+cfg2=${prefix}_${stage2}.yaml
 for f in "$cfg1" "$cfg2"; do [ -f "$f" ] || { echo "error: config $f not found; give a prefix like config/cifar10/cifar10_imb001" >&2; exit 2; }; done
 for from in ${FROM:-best}; do
     [[ $from == best || $from == last ]] || { echo "error: FROM takes best and/or last, not $from" >&2; exit 2; }
@@ -37,7 +45,7 @@ if [ -n "${STAGE1_CKPT:-}" ]; then
 else
     echo "== stage 1: $cfg1"
     "$py" train_stage1.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-}
-    run1=$(newest_run "${name}_stage1_ce_mixup")
+    run1=$(newest_run "${name}_${stage1}")
 fi
 
 runs=("$run1")
@@ -49,7 +57,7 @@ for from in ${FROM:-best}; do
     "$py" eval.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} resume "$ckpt"
     for seed in ${SEEDS:-0}; do
         for rho in "${rhos[@]}"; do
-            run_name=${name}_stage2${tag}_rho${rho}$([ "$seed" = 0 ] || echo "_seed$seed")
+            run_name=${name}_${stage2%_H2T}${tag}_rho${rho}$([ "$seed" = 0 ] || echo "_seed$seed")
             echo "== stage 2 from $from: rho $rho, seed $seed"
             "$py" train_stage2.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$ckpt" H2T "$rho" \
                 seed "$seed" name "$run_name"

@@ -13,32 +13,49 @@ from conftest import ROOT
 def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
     tiny = f'data_path {cifar10_root} num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
     env = dict(os.environ, PYTHON=sys.executable, STAGE1_OVERRIDES=tiny, STAGE2_OVERRIDES=tiny,
-               SAVE_DIR=str(tmp_path / 'saved'), RESULTS=str(tmp_path / 'results'), SEEDS='0 1', FROM='best last')
+               SAVE_DIR=str(tmp_path / 'saved'), RESULTS=str(tmp_path / 'results'), SEEDS='0 1', FROM='last')
     result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0', '0.5'], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = tmp_path / 'results'
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
     assert [(r['stage'], r['from'], r['seed'], r['rho']) for r in rows] == [('stage1', '', '0', '')] + [
-        ('stage2', start, seed, rho) for start in ('best', 'last') for seed in '01' for rho in ('0.0', '0.5')]
+        ('stage2', 'last', seed, rho) for seed in '01' for rho in ('0.0', '0.5')]
     assert all(0 <= float(r['best_top1']) <= 100 for r in rows)
+    configs = [run['config'] for run in json.load(open(out / 'metrics.json'))['runs'][1:]]
+    assert all('current.pth.tar' in c for c in configs) and sum('seed: 1' in c for c in configs) == 2
     meta = json.load(open(out / 'metrics.json'))['meta']
     assert meta['commit'] and meta['machine']['cores'] >= 1
-    assert len(list(csv.reader(open(out / 'per_class.csv')))) == 1 + 2 * 9
-    # the gain of rho 0.5 over rho 0 is taken seed by seed, from the same stage-1 checkpoint
-    top1 = {(r['from'], r['seed'], r['rho']): float(r['best_top1']) for r in rows[1:]}
+    assert len(list(csv.reader(open(out / 'per_class.csv')))) == 1 + 2 * 5
     stats = {(s['from'], s['rho']): s for s in csv.DictReader(open(out / 'seeds.csv'))}
-    for start in ('best', 'last'):
-        gains = [top1[start, seed, '0.5'] - top1[start, seed, '0.0'] for seed in '01']
-        assert float(stats[start, '0.5']['best_gain_mean']) == pytest.approx(sum(gains) / 2, abs=1e-3)
-        assert float(stats[start, '0.5']['best_gain_sd']) == pytest.approx(abs(gains[0] - gains[1]) / 2 ** 0.5, abs=1e-3)
+    assert stats['last', '0.5']['seeds'] == '0 1'
     history = list(csv.DictReader(open(out / 'history.csv')))
-    assert len(history) == 9 and all(h['epoch'] == '1' for h in history)
+    assert len(history) == 5 and all(h['epoch'] == '1' for h in history)
     assert all(float(h['train_loss']) > 0 and float(h['test_loss']) > 0 for h in history)
     assert all(h['train_loss'] != h['test_loss'] for h in history)
     if importlib.util.find_spec('matplotlib'):
         for png in ('per_class.png', 'rho.png', 'reliability.png', 'curves.png'):
             assert (out / png).stat().st_size > 1000
+
+
+def test_seed_statistics_pair_each_seed_with_its_own_rho0_run():
+    spec = importlib.util.spec_from_file_location('collect_results', os.path.join(ROOT, 'scripts/collect_results.py'))
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    top1 = {('best', 0, 0.0): 45.0, ('best', 1, 0.0): 46.0, ('best', 0, 0.25): 47.5, ('best', 1, 0.25): 47.0,
+            ('last', 0, 0.0): 44.0, ('last', 0, 0.25): 44.5}
+    runs = [{'stage': 'stage1', 'H2T': 0.0, 'from': '', 'seed': 0, 'best': {'top1': 39.0}, 'last': {'top1': 38.0}}]
+    runs += [{'stage': 'stage2', 'from': start, 'seed': seed, 'H2T': rho, 'best': {'top1': acc}, 'last': {'top1': acc - 1}}
+             for (start, seed, rho), acc in top1.items()]
+    stats = {(row['from'], row['rho']): row for row in collect.seed_statistics(runs)}
+    assert set(stats) == {('best', 0.0), ('best', 0.25), ('last', 0.0), ('last', 0.25)}
+    best = stats['best', 0.25]  # gains 2.5 and 1.0
+    assert best['seeds'] == '0 1' and best['best_gain_mean'] == pytest.approx(1.75)
+    assert best['best_gain_sd'] == pytest.approx(1.5 / 2 ** 0.5, abs=1e-3)
+    assert (best['best_gain_min'], best['best_gain_max']) == (1.0, 2.5)
+    assert best['best_top1_mean'] == pytest.approx(47.25) and best['last_gain_mean'] == pytest.approx(1.75)
+    assert stats['last', 0.25]['best_gain_mean'] == pytest.approx(0.5) and stats['last', 0.25]['best_gain_sd'] == 0
+    assert 'best_gain_mean' not in stats['best', 0.0]
 
 
 def test_reproduce_rejects_an_unknown_prefix(tmp_path):

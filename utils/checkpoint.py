@@ -47,6 +47,8 @@ def load_checkpoint(path, what='checkpoint'):
 def load_weights(module, state_dict, path, part, cfg):
     """load_state_dict with a one-line error when the checkpoint was trained for another config."""
     own = module.state_dict()
+    # a stage-1 classifier has no LearnableWeightScaling: stage 2 starts it at 1, the identity
+    state_dict = {**{k: v for k, v in own.items() if k.startswith('lws.')}, **state_dict}
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()

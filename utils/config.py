@@ -49,6 +49,8 @@ _C.tail_class_idx = [0, 1]
 _C.num_experts = 1
 _C.classifier = 'Classifier'
 _C.use_norm = False          # Classifier: s * cosine of normalised features and weights (LDAM), s = loss.LDAM.s
+_C.lws = False               # stage 2: MiSLAS's learnable per-class scale of the logits, learned at the full LR
+                             # (lr_scheduler.lr_factor scales the classifier's LR only, as in MiSLAS)
 
 # loss (loss.py), the authors' keys and defaults
 _C.loss = CN()
@@ -215,6 +217,7 @@ def check_config(cfg):
     need(cfg.eval_batch_size >= 1, f'eval_batch_size {cfg.eval_batch_size} must be at least 1')
     need(cfg.num_epochs >= 1, f'num_epochs {cfg.num_epochs} must be at least 1')
     need(cfg.lr > 0, f'lr {cfg.lr} must be positive')
+    need(cfg.lr_scheduler.lr_factor > 0, f'lr_scheduler.lr_factor {cfg.lr_scheduler.lr_factor} must be positive')
     need(cfg.mode in ('stage1', 'stage2'), f"mode {cfg.mode!r} is unknown; use 'stage1' or 'stage2'")
     need(cfg.lr_scheduler.type in ('warmup_step', 'cos'),
          f"lr_scheduler.type {cfg.lr_scheduler.type!r} is unknown; use 'warmup_step' or 'cos'")

@@ -87,11 +87,18 @@ def stage2_loss(backbone, classifier, batch, cfg, device, precision, criterion=c
 
 def make_optimizer(backbone, classifier, cfg, stage):
     """SGD over what the stage trains: backbone and classifier in stage 1; in stage 2 the classifier
-    only, with the backbone frozen (requires_grad off)."""
+    only, with the backbone frozen (requires_grad off). MiSLAS's learnable weight scaling (`lws`) gets a
+    group of its own whose LR is not scaled by lr_scheduler.lr_factor (`lr_scale` undoes it)."""
     if stage == 'stage2':
         backbone.requires_grad_(False)
-    params = [p for m in (backbone, classifier) for p in m.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    lws = [p for name, p in classifier.named_parameters() if name.startswith('lws.')]
+    params = [p for m in (backbone, classifier) for p in m.parameters() if p.requires_grad and
+              all(p is not q for q in lws)]
+    groups = [{'params': params, 'lr_scale': 1.0}]
+    if lws:
+        factor = cfg.lr_scheduler.lr_factor if cfg.lr_scheduler.type == 'cos' else 1.0
+        groups.append({'params': lws, 'lr_scale': 1.0 / factor})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage, criterion=cross_entropy):
@@ -226,7 +233,7 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
     for epoch in range(start_epoch, cfg.num_epochs):
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group.get('lr_scale', 1.0)
         if hasattr(criterion, 'before_epoch'):
             criterion.before_epoch(epoch)  # DRW switches its class weights on here
         t0 = time.time()
