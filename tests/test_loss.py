@@ -139,7 +139,7 @@ def test_use_norm_classifier_gives_s_times_the_cosine():
 
 
 def test_ldam_drw_stage1_then_las_stage2_end_to_end(cifar10_root, tmp_path):
-    common = ['data_path', cifar10_root, 'save_dir', str(tmp_path), 'num_epochs', '2', 'batch_size', '16',
+    common = ['data_path', cifar10_root, 'save_dir', str(tmp_path), 'num_epochs', '1', 'batch_size', '16',
               'eval_batch_size', '64', 'imb_factor', '0.1', 'compile', 'False']
     ldam = ['loss.type', 'LDAMLoss', 'loss.LDAM.reweight_epoch', '0', 'use_norm', 'True', 'mixup', 'False']
     result = run_script('train_stage1.py', '--cfg', STAGE1, *common, *ldam, 'name', 'ldam')

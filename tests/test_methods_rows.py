@@ -70,7 +70,7 @@ def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, tmp_
 
 @pytest.mark.parametrize('method', ['mislas', 'ldam_drw'])
 def test_reproduce_runs_a_method_row(method, cifar10_root, tmp_path):
-    tiny = f'data_path {cifar10_root} num_epochs 2 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
+    tiny = f'data_path {cifar10_root} num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
     extra = ' loss.LDAM.reweight_epoch 0' if method == 'ldam_drw' else ''
     env = dict(os.environ, PYTHON=sys.executable, METHOD=method, STAGE1_OVERRIDES=tiny + extra, STAGE2_OVERRIDES=tiny,
                SAVE_DIR=str(tmp_path / 'saved'), RESULTS=str(tmp_path / 'results'))
