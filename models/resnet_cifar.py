@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['ResNet_fe', 'Classifier', 'NormedLinear', 'LearnableWeightScaling', 'resnet20_fe', 'resnet32_fe', 'resnet44_fe', 'resnet56_fe',
-           'resnet110_fe', 'BACKBONES']
+__all__ = ['ResNet_fe', 'Classifier', 'NormedLinear', 'LearnableWeightScaling', 'resnet20_fe', 'resnet32_fe',
+           'resnet44_fe', 'resnet56_fe', 'resnet110_fe', 'BACKBONES']
 
 
 def _kaiming_init(module):

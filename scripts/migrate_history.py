@@ -6,7 +6,8 @@ Until then each epoch's `loss` in summary.json (and so in metrics.json) was the 
 metrics overwrote the training loss. This renames it `test_loss` (also in the best/last metrics) and
 takes each epoch's training loss from a console log (`Epoch [e/N] lr ... loss L ... test top1 T`
 lines): the log beside the file, else any under results/, whichever matches most of the run's epochs
-by epoch, epoch count and test top-1; where no line matches, `train_loss` is null. Files already in the new form are left as they are.
+by epoch, epoch count and test top-1; where no line matches, `train_loss` is null. Files already in
+the new form are left as they are.
 """
 import glob
 import json

@@ -92,8 +92,8 @@ def make_optimizer(backbone, classifier, cfg, stage):
     if stage == 'stage2':
         backbone.requires_grad_(False)
     lws = [p for name, p in classifier.named_parameters() if name.startswith('lws.')]
-    params = [p for m in (backbone, classifier) for p in m.parameters() if p.requires_grad and
-              all(p is not q for q in lws)]
+    lws_ids = {id(p) for p in lws}
+    params = [p for m in (backbone, classifier) for p in m.parameters() if p.requires_grad and id(p) not in lws_ids]
     groups = [{'params': params, 'lr_scale': 1.0}]
     if lws:
         factor = cfg.lr_scheduler.lr_factor if cfg.lr_scheduler.type == 'cos' else 1.0

@@ -78,4 +78,5 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
         log_file = os.path.join(run.log_dir, f'{run.name}.txt')
     logger = get_logger(log_file, quiet=not distributed.is_main())
     return SimpleNamespace(cfg=cfg, device=device, precision=precision, data=data, backbone=backbone,
-                           classifier=classifier, criterion=criterion, ckpt=ckpt, resume_state=resume_state, run=run, logger=logger)
+                           classifier=classifier, criterion=criterion, ckpt=ckpt, resume_state=resume_state, run=run,
+                           logger=logger)
