@@ -15,11 +15,11 @@ from utils.setup import prepare
 def main(argv=None):
     s = prepare('Evaluation', checkpoint='required', argv=argv, compile_model=False)  # one pass never pays back
     cfg = s.cfg
-    metrics = evaluate(s.backbone, s.classifier, s.data.eval_loader(), cfg, s.device, s.precision)
+    metrics = evaluate(s.backbone, s.classifier, s.data.eval_loader(), s.data.class_splits, s.device, s.precision)
     if not distributed.is_main():
         return
     metrics.update(checkpoint=cfg.resume, checkpoint_epoch=s.ckpt.get('epoch'), dataset=cfg.dataset,
-                   imb_factor=cfg.imb_factor, precision=s.precision)
+                   imb_factor=s.data.imb_factor, precision=s.precision)
     print(f'{cfg.resume} (epoch {s.ckpt.get("epoch")}): {format_metrics(metrics)} | '
           f'confidence {metrics["confidence"] * 100:.2f}%')
     out = cfg.resume.removesuffix('.pth.tar').removesuffix('.pth') + '.eval.json'

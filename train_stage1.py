@@ -15,8 +15,10 @@ def main(argv=None):
     cfg = s.cfg
     optimizer = make_optimizer(s.backbone, s.classifier, cfg, 'stage1')
     if s.resume_state is None and s.run:
-        s.logger.info(f'{s.run.name}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, {len(s.data.train_set)} training images '
-                      f'{s.data.cls_num_list}, {cfg.backbone} on {s.device} ({s.precision}) x '
+        sizes = s.data.cls_num_list
+        counts = sizes if len(sizes) <= 100 else f'({max(sizes)} to {min(sizes)} a class)'
+        s.logger.info(f'{s.run.name}: {s.data.description}, {len(s.data.train_set)} training images '
+                      f'{counts}, {cfg.backbone} on {s.device} ({s.precision}) x '
                       f'{distributed.world_size()} process(es), run folder {s.run.dir}')
     backbone, classifier = distributed.wrap(s.backbone, s.device), distributed.wrap(s.classifier, s.device)
     fit(backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage1', s.resume_state,

@@ -17,7 +17,7 @@ def main(argv=None):
     cfg = s.cfg
     optimizer = make_optimizer(s.backbone, s.classifier, cfg, 'stage2')
     if s.resume_state is None and s.run:
-        s.logger.info(f'{s.run.name}: {cfg.dataset} IF={1 / cfg.imb_factor:g}, H2T rho={cfg.H2T}, '
+        s.logger.info(f'{s.run.name}: {s.data.description}, H2T rho={cfg.H2T}, '
                       f'shift_bn={cfg.shift_bn}, from {cfg.resume}, on {s.device} ({s.precision}) x '
                       f'{distributed.world_size()} process(es), run folder {s.run.dir}')
     classifier = distributed.wrap(s.classifier, s.device)

@@ -1,4 +1,6 @@
+from utils.metrics import config_splits
 from .cifar_lt import IMBALANCECIFAR10, IMBALANCECIFAR100, img_num_per_cls
+from .image_list import ImageNet_LT, LT_Dataset, Places_LT, iNa2018
 from .loaders import (DeviceEvalLoader, DeviceTrainLoader, balanced_indices, crop_flip, instance_indices,
                       torch_eval_loader, torch_train_loader)
 
@@ -13,6 +15,9 @@ class CIFAR10_LT:
         self.train_set = self.dataset_class(cfg.data_path, train=True, **kwargs)
         self.test_set = self.dataset_class(cfg.data_path, train=False, **kwargs)
         self.cls_num_list = self.train_set.get_cls_num_list()
+        self.class_splits = config_splits(cfg)  # the classes are sorted by size: ranges of the config
+        self.imb_factor = cfg.imb_factor
+        self.description = f'{cfg.dataset} IF={1 / cfg.imb_factor:g}'
 
     def train_loader(self):
         """Stage 1: instance sampling; `sampler.type: weighted sampler` makes it class-balanced, and
@@ -40,5 +45,9 @@ class CIFAR100_LT(CIFAR10_LT):
     dataset_class = IMBALANCECIFAR100
 
 
+DATASETS = {'cifar10': CIFAR10_LT, 'cifar100': CIFAR100_LT, 'imagenet': ImageNet_LT, 'places': Places_LT,
+            'ina2018': iNa2018}
+
+
 def build_data(cfg, device):
-    return {'cifar10': CIFAR10_LT, 'cifar100': CIFAR100_LT}[cfg.dataset](cfg, device)
+    return DATASETS[cfg.dataset](cfg, device)

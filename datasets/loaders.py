@@ -38,6 +38,26 @@ def instance_indices(num_items, generator=None):
     return torch.randperm(num_items, generator=generator)
 
 
+def epoch_indices(targets, num_classes, sampling):
+    """One epoch's sample order, len(targets) draws from torch's global generator: 'instance' (a
+    permutation) or 'balanced'. Every rank draws the same numbers, so each can take its own share of
+    the same global batches."""
+    n = len(targets)
+    return balanced_indices(targets, num_classes, n) if sampling == 'balanced' else instance_indices(n)
+
+
+def num_global_batches(num_items, batch_size):
+    """Steps of an epoch: a last global batch too small to give every rank a sample is dropped."""
+    return num_items // batch_size + (num_items % batch_size >= distributed.world_size())
+
+
+def global_batch_shards(num_items, batch_size):
+    """This rank's slice of each global batch of `batch_size` over an epoch of `num_items` draws."""
+    for step in range(num_global_batches(num_items, batch_size)):
+        start = step * batch_size
+        yield distributed.shard(start, min(start + batch_size, num_items))
+
+
 def crop_flip(padded, index, top, left, flip, size=32):
     """One gather: sample `index[i]` of the padded batch, cropped at (top[i], left[i]), mirrored if flip[i]."""
     ar = torch.arange(size, device=padded.device)
@@ -76,14 +96,7 @@ class DeviceTrainLoader:
         self.normalize = Normalize(device, channels_last)
 
     def __len__(self):
-        n, b = len(self.targets), self.batch_size
-        return n // b + (n % b >= distributed.world_size())
-
-    def _epoch_indices(self):
-        n = len(self.targets)
-        if self.sampling == 'balanced':
-            return balanced_indices(self.targets_cpu, self.num_classes, n)
-        return instance_indices(n)
+        return num_global_batches(len(self.targets), self.batch_size)
 
     def _augmented(self, index):
         # crop offsets and flips for the whole epoch come from torch's CPU generator: the same run
@@ -94,15 +107,10 @@ class DeviceTrainLoader:
         return [t.to(self.device, non_blocking=True) for t in (index, top, left, flip)]
 
     def __iter__(self):
-        streams = [self._augmented(self._epoch_indices())]
+        streams = [self._augmented(epoch_indices(self.targets_cpu, self.num_classes, self.sampling))]
         if self.dual:
             streams.append(self._augmented(instance_indices(len(self.targets))))
-        n = len(self.targets)
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            if stop - start < distributed.world_size():
-                break  # a last global batch too small to give every rank a sample
-            s = distributed.shard(start, stop)
+        for s in global_batch_shards(len(self.targets), self.batch_size):
             batch = []
             for index, top, left, flip in streams:
                 images = crop_flip(self.padded, index[s], top[s], left[s], flip[s])

@@ -69,3 +69,34 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+# -- ImageNet-LT-style list datasets ------------------------------------------------------------------
+LIST_COUNTS = [3, 6, 12, 2, 5]  # training images of labels 0..4: not sorted, so the renumbering shows
+
+
+def write_image_lists(root, train_name='ImageNet_LT_train.txt', eval_name='ImageNet_LT_test.txt', counts=LIST_COUNTS,
+                      eval_per_class=2, seed=0):
+    """JPEGs of random sizes under root/train/<label>/ and root/val/<label>/, and their `path label` lists;
+    each image's mean colour encodes its label, so a model can learn them."""
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    lines = {train_name: [], eval_name: []}
+    for name, split, per_class in ((train_name, 'train', counts), (eval_name, 'val', [eval_per_class] * len(counts))):
+        for label, n in enumerate(per_class):
+            os.makedirs(os.path.join(root, split, str(label)), exist_ok=True)
+            for i in range(n):
+                h, w = rng.randint(24, 72, 2)
+                pixels = rng.randint(0, 60, (h, w, 3)) + 40 * label
+                path = f'{split}/{label}/{i}.jpg'
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(root, path), quality=90)
+                lines[name].append(f'{path} {label}')
+    for name, entries in lines.items():
+        with open(os.path.join(root, name), 'w') as f:
+            f.write('\n'.join(entries) + '\n')
+    return root
+
+
+@pytest.fixture(scope='session')
+def imagenet_lt_root(tmp_path_factory):
+    return write_image_lists(str(tmp_path_factory.mktemp('imagenet_lt')))

@@ -1,8 +1,9 @@
 """Every configuration key with its default, in one place (yacs), and the checks on its values.
 
 Scripts take `--cfg FILE` and then `KEY VALUE` pairs, e.g. `resume saved/run/ckps/model_best.pth.tar`
-or `lr_scheduler.lr_factor 0.1`. The keys of the authors' H2T/MiSLAS configs are all accepted, so
-their YAML files run unchanged.
+or `lr_scheduler.lr_factor 0.1`. The keys of the authors' H2T configs are all accepted, so their CIFAR
+YAML files run unchanged; MiSLAS's YAMLs have keys of their own (`cos`, a top-level `lr_factor`) and are
+refused with the key named: use the shipped configs, which carry MiSLAS's values.
 """
 import argparse
 import os
@@ -15,20 +16,25 @@ from .errors import UserError
 _C = CN()
 _C.name = ''
 _C.print_freq = 40
-_C.workers = 0               # DataLoader workers; only used with data_loader: 'torch'
+_C.workers = 0               # DataLoader worker processes (per rank): list datasets, and CIFAR's data_loader 'torch'
 _C.log_dir = 'logs'
 _C.model_dir = 'ckps'
 _C.save_dir = 'saved'        # runs go to <save_dir>/<name>_<YYYYmmddHHMM>/{log_dir,model_dir}
 
 # dataset
-_C.dataset = 'cifar10'       # 'cifar10' | 'cifar100'
-_C.data_path = './data/cifar10'
+_C.dataset = 'cifar10'       # 'cifar10' | 'cifar100' | 'imagenet' (ImageNet-LT) | 'places' (Places-LT) | 'ina2018'
+_C.data_path = './data/cifar10'  # CIFAR: the folder holding cifar-10-batches-py/; list datasets: the image root
+_C.train_list = ''           # list datasets: `path label` list (or iNat JSON); '' = data_path/<standard name>
+_C.eval_list = ''            # ... and the evaluation list (ImageNet_LT_test.txt, Places_LT_test.txt,
+                             # iNaturalist18_val.txt)
+_C.image_size = 224          # list datasets: the training crop and the evaluation centre crop
 _C.download = False          # fetch the files through torchvision if they are absent (needs internet)
 _C.num_classes = 10
 _C.imb_type = 'exp'          # 'exp' | 'step'
 _C.imb_factor = 0.01         # n_min / n_max, in (0, 1]; 1 keeps the balanced set
-_C.data_loader = 'device'    # 'device': data held on the training device, batched augmentation;
-                             # 'torch': PIL transforms in a torch DataLoader (the authors' way)
+_C.data_loader = 'device'    # CIFAR: 'device': data held on the training device, batched augmentation;
+                             # 'torch': PIL transforms in a torch DataLoader (the authors' way).
+                             # List datasets always decode in DataLoader workers.
 _C.eval_batch_size = 1000
 
 _C.sampler = CN()
@@ -41,6 +47,7 @@ _C.sampler.dual_sample.type = 'long-tailed'
 
 # model
 _C.backbone = 'resnet32_fe'
+_C.pretrained = ''           # ImageNet-trained weights of the backbone, a local file (Places-LT: resnet152)
 _C.resume = ''               # checkpoint to start from (stage 2: the stage-1 model_best.pth.tar)
 _C.auto_resume = False       # continue the run of `resume` (its ckps/current.pth.tar) exactly, in its folder
 _C.head_class_idx = [0, 1]   # [start, end) of the many-shot classes
@@ -103,7 +110,8 @@ _C.mixup = True
 _C.alpha = 1.0
 _C.H2T = 0.0                 # rho: fraction of channels fused from the instance branch (stage 2)
 
-DATASETS = {'cifar10': 10, 'cifar100': 100}
+CIFAR = {'cifar10': 10, 'cifar100': 100}
+LIST_DATASETS = {'imagenet': 1000, 'places': 365, 'ina2018': 8142}  # classes of the published lists
 
 
 def get_default_config():
@@ -200,9 +208,14 @@ def check_config(cfg):
         if not ok:
             raise UserError(message)
 
-    need(cfg.dataset in DATASETS, f"dataset {cfg.dataset!r} is not supported; use one of {sorted(DATASETS)}")
-    need(cfg.num_classes == DATASETS[cfg.dataset],
-         f'num_classes {cfg.num_classes} does not match dataset {cfg.dataset} ({DATASETS[cfg.dataset]} classes); fix num_classes')
+    datasets = sorted({**CIFAR, **LIST_DATASETS})
+    need(cfg.dataset in datasets, f"dataset {cfg.dataset!r} is not supported; use one of {datasets}")
+    # list datasets: any num_classes (a subset of a list); the list's labels are checked against it
+    need(cfg.num_classes == CIFAR.get(cfg.dataset, cfg.num_classes) and cfg.num_classes >= 2,
+         f'num_classes {cfg.num_classes} does not match dataset {cfg.dataset} ({CIFAR.get(cfg.dataset, "2 or more")} '
+         f'classes); fix num_classes')
+    need(cfg.image_size >= 32, f'image_size {cfg.image_size} is too small; use 224 (the published crop)')
+    need(cfg.workers >= 0, f'workers {cfg.workers} must be 0 (load in the training process) or more')
     need(isinstance(cfg.imb_factor, (int, float)) and 0 < cfg.imb_factor <= 1,
          f'imb_factor {cfg.imb_factor} is outside (0, 1]; it is n_min / n_max, e.g. 0.01 for IF=100')
     need(cfg.imb_type in ('exp', 'step'), f"imb_type {cfg.imb_type!r} is unknown; use 'exp' or 'step'")

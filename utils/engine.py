@@ -153,8 +153,9 @@ def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precis
 
 # -- evaluation ------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(backbone, classifier, loader, cfg, device, precision):
-    """Every metric of the test set; batches stay on the device, sums are added over the ranks."""
+def evaluate(backbone, classifier, loader, splits, device, precision):
+    """Every metric of the test set (`splits`: the dataset's many/medium/few classes); batches stay on the
+    device, sums are added over the ranks."""
     backbone.eval()
     classifier.eval()
     sums = None
@@ -164,7 +165,7 @@ def evaluate(backbone, classifier, loader, cfg, device, precision):
         sums = add_sums(sums, metric_sums(torch.softmax(logits.float(), dim=1), y))
     for value in sums.values():
         distributed.all_reduce_sum(value)
-    return finalize(sums, cfg)
+    return finalize(sums, splits)
 
 
 def format_metrics(m):
@@ -242,7 +243,7 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
         if stage == 'stage2' and cfg.shift_bn:
             distributed.average_buffers(unwrap(backbone))
         t1 = time.time()
-        test = evaluate(backbone, classifier, eval_loader, cfg, device, precision)
+        test = evaluate(backbone, classifier, eval_loader, data.class_splits, device, precision)
         t2 = time.time()
         is_best = best is None or test['top1'] > best['top1']
         if is_best:
@@ -272,7 +273,7 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
     if ranks > 1:
         logger.info(f'weights identical on all {ranks} ranks')
     wall = sum(h['time_train_s'] + h['time_eval_s'] for h in history)
-    summary = {'name': name, 'stage': stage, 'dataset': cfg.dataset, 'imb_factor': cfg.imb_factor,
+    summary = {'name': name, 'stage': stage, 'dataset': cfg.dataset, 'imb_factor': data.imb_factor,
                'H2T': cfg.H2T, 'precision': precision, 'device': str(device), 'world_size': ranks,
                'epochs': cfg.num_epochs, 'wall_time_s': round(wall, 1), 'best_epoch': best_epoch, 'best': best,
                'last': test, 'history': history}

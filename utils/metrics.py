@@ -46,23 +46,27 @@ def add_sums(total, sums):
     return sums if total is None else {k: total[k] + v for k, v in sums.items()}
 
 
-def split_accuracy(per_class_acc, cfg):
-    """Mean per-class accuracy over each [start, end) range of the config."""
-    out = {}
-    for split, key in (('many', 'head_class_idx'), ('medium', 'med_class_idx'), ('few', 'tail_class_idx')):
-        start, end = cfg[key]
-        out[split] = per_class_acc[start:end].mean().item() * 100 if end > start else float('nan')
-    return out
+def config_splits(cfg):
+    """Many/medium/few classes from the config's [start, end) ranges (CIFAR: classes sorted by size)."""
+    return {split: torch.arange(*cfg[key]) for split, key in
+            (('many', 'head_class_idx'), ('medium', 'med_class_idx'), ('few', 'tail_class_idx'))}
 
 
-def finalize(sums, cfg):
-    """All reported numbers: accuracies in %, ECE and confidence as fractions."""
+def split_accuracy(per_class_acc, splits):
+    """Mean per-class accuracy over each split's classes (nan for an empty split)."""
+    return {split: per_class_acc[classes.to(per_class_acc.device)].mean().item() * 100 if len(classes) else float('nan')
+            for split, classes in splits.items()}
+
+
+def finalize(sums, splits):
+    """All reported numbers: accuracies in %, ECE and confidence as fractions; `splits` maps 'many',
+    'medium' and 'few' to their class indices (the dataset's `class_splits`)."""
     n = sums['class_total'].sum()
     per_class_acc = sums['class_correct'] / sums['class_total'].clamp_min(1)
     return {
         'top1': (sums['class_correct'].sum() / n).item() * 100,
         'top5': (sums['top5'].sum() / n).item() * 100,
-        **split_accuracy(per_class_acc, cfg),
+        **split_accuracy(per_class_acc, splits),
         'ece': ece_from_sums(sums),
         'confidence': (sums['bin_confidence'].sum() / n).item(),
         'test_loss': (sums['nll'].sum() / n).item(),  # mean NLL of the evaluated set
@@ -74,7 +78,7 @@ def finalize(sums, cfg):
 
 
 def classification_metrics(probs, targets, cfg):
-    return finalize(metric_sums(probs, targets), cfg)
+    return finalize(metric_sums(probs, targets), config_splits(cfg))
 
 
 def expected_calibration_error(confidence, correct, n_bins=N_BINS):

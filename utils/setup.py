@@ -10,7 +10,7 @@ from loss import build_loss
 from models import build_model
 from . import distributed
 from .checkpoint import load_checkpoint, load_weights
-from .config import load_config, parse_args
+from .config import CIFAR, load_config, parse_args
 from .errors import UserError
 from .runtime import (RunDir, check_compile_toolchain, compile_in_place, create_run_dir, get_logger, keep_freed_memory,
                       select_device, select_precision, seed_everything)
@@ -33,8 +33,8 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
     if (checkpoint == 'required' or cfg.auto_resume) and not cfg.resume:
         raise UserError(f'{description.split(":")[0]} needs a checkpoint; add `resume path/to/'
                         f'{"current" if cfg.auto_resume else "model_best"}.pth.tar`')
-    if distributed.launched_by_torchrun() and cfg.data_loader != 'device':
-        raise UserError('multi-process runs need data_loader device; drop `data_loader torch` or run one process')
+    if distributed.launched_by_torchrun() and cfg.dataset in CIFAR and cfg.data_loader != 'device':
+        raise UserError('multi-process CIFAR runs need data_loader device; drop `data_loader torch` or run one process')
     device = select_device(cfg)
     cuda_index = distributed.init(device.type)
     if cuda_index is not None:

@@ -1,0 +1,290 @@
+"""ImageNet-LT, iNaturalist 2018 and Places-LT from list files, on small generated JPEG folders: the
+lists, the renumbering, the samplers, both stages and eval end to end, two processes, resume, and bad input."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import LIST_COUNTS, ROOT, run_script, write_image_lists
+from datasets.image_list import GlobalBatchSampler, count_splits
+from utils.config import load_config
+from utils.errors import UserError
+
+IMAGENET1 = 'config/imagenet/imagenet_lt_resnet50_stage1_ce_mixup.yaml'
+IMAGENET2 = 'config/imagenet/imagenet_lt_resnet50_stage2_ce_H2T.yaml'
+INAT1 = 'config/ina2018/ina2018_resnet50_stage1_ce_mixup.yaml'
+INAT2 = 'config/ina2018/ina2018_resnet50_stage2_ce_H2T.yaml'
+PLACES1 = 'config/places/places_lt_resnet152_stage1_ce_mixup.yaml'
+PLACES2 = 'config/places/places_lt_resnet152_stage2_ce_H2T.yaml'
+# resnet10 at 32 px: the shipped configs' data path, scaled down to run in seconds on a CPU
+TINY = ['num_classes', str(len(LIST_COUNTS)), 'image_size', '32', 'batch_size', '8', 'eval_batch_size', '4',
+        'print_freq', '2', 'num_epochs', '1', 'device', 'cpu', 'precision', 'fp32', 'backbone', 'resnet10_fe']
+
+
+def inat_json_lists(root):
+    """The generated lists as iNaturalist 2018's official JSON files; returns the list overrides."""
+    out = []
+    for name, key in (('ImageNet_LT_train.txt', 'train_list'), ('ImageNet_LT_test.txt', 'eval_list')):
+        entries = [line.split() for line in open(os.path.join(root, name)).read().splitlines()]
+        images = [{'id': i, 'file_name': p} for i, (p, _) in enumerate(entries)]
+        annotations = [{'id': i, 'image_id': i, 'category_id': int(t)} for i, (_, t) in enumerate(entries)]
+        path = os.path.join(root, name.replace('.txt', '.json'))
+        json.dump({'images': images, 'annotations': annotations}, open(path, 'w'))
+        out += [key, path]
+    return out
+
+
+@pytest.fixture(scope='module')
+def places_stage1(imagenet_lt_root, tmp_path_factory):
+    """A Places-LT stage 1 (resnet152_places_fe on a generated 'ImageNet-trained' ResNet-152)."""
+    from torchvision.models import resnet152
+    tmp = tmp_path_factory.mktemp('places')
+    torch.manual_seed(0)
+    imagenet = resnet152().state_dict()
+    torch.save(imagenet, tmp / 'resnet152.pth')
+    common = places_args(imagenet_lt_root)
+    ok(run_script('train_stage1.py', '--cfg', PLACES1, *common, 'save_dir', str(tmp), 'pretrained',
+                  str(tmp / 'resnet152.pth')))
+    run, = runs(tmp, 'places_lt_resnet152_stage1_ce_mixup')
+    return dict(run=run, imagenet=imagenet, common=common)
+
+
+def places_args(root):
+    return ['data_path', root, 'train_list', f'{root}/ImageNet_LT_train.txt',
+            'eval_list', f'{root}/ImageNet_LT_test.txt', *TINY[:-2], 'workers', '0']
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def runs(save, pattern='*'):
+    return sorted(glob.glob(os.path.join(str(save), pattern + '_2*')))
+
+
+def cfg_for(root, *extra, config=IMAGENET1):
+    return load_config(os.path.join(ROOT, config), ['data_path', root, *TINY, 'workers', '0', *extra])
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def test_labels_are_renumbered_by_training_count_as_the_authors_do(imagenet_lt_root):
+    from datasets import build_data
+    data = build_data(cfg_for(imagenet_lt_root), torch.device('cpu'))
+    assert data.cls_num_list == sorted(LIST_COUNTS, reverse=True)
+    # label 2 (12 images) becomes class 0; the evaluation list uses the same map
+    assert data.class_map.tolist() == [3, 1, 0, 4, 2]
+    assert [t for p, t in zip(data.test_set.paths, data.test_set.targets) if p.startswith('val/2/')] == [0, 0]
+    assert len(data.train_set) == sum(LIST_COUNTS) and len(data.test_set) == 2 * len(LIST_COUNTS)
+
+
+def test_many_medium_few_by_training_count():
+    splits = count_splits([500, 101, 100, 20, 19, 1])
+    assert {k: v.tolist() for k, v in splits.items()} == {'many': [0, 1], 'medium': [2, 3], 'few': [4, 5]}
+
+
+def test_inat_official_json_is_read(tmp_path):
+    from PIL import Image
+    from datasets import build_data
+    root = str(tmp_path)
+    os.makedirs(f'{root}/train_val2018/Plantae/7', exist_ok=True)
+    images, annotations = [], []
+    for i, label in enumerate([7, 7, 7, 2, 2, 0]):
+        path = f'train_val2018/Plantae/7/{i}.jpg'
+        Image.new('RGB', (40, 30), (label * 30, 0, 0)).save(f'{root}/{path}')
+        images.append({'id': 100 + i, 'file_name': path, 'width': 40, 'height': 30})
+        annotations.append({'id': 100 + i, 'image_id': 100 + i, 'category_id': label})
+    for name in ('train2018.json', 'val2018.json'):
+        json.dump({'images': images, 'annotations': annotations}, open(f'{root}/{name}', 'w'))
+    lists = ['train_list', f'{root}/train2018.json', 'eval_list', f'{root}/val2018.json']
+    with pytest.raises(UserError, match='has no image of class 1'):  # 8 classes, 3 of them with images
+        build_data(cfg_for(root, 'num_classes', '8', *lists, config=INAT1), torch.device('cpu'))
+    # relabel to 3 classes: the JSON's category ids must lie within num_classes
+    for a in annotations:
+        a['category_id'] = {7: 0, 2: 1, 0: 2}[a['category_id']]
+    json.dump({'images': images, 'annotations': annotations}, open(f'{root}/train2018.json', 'w'))
+    json.dump({'images': images, 'annotations': annotations}, open(f'{root}/val2018.json', 'w'))
+    data = build_data(cfg_for(root, 'num_classes', '3', *lists, config=INAT1), torch.device('cpu'))
+    assert data.cls_num_list == [3, 2, 1]
+    x, y = next(iter(data.eval_loader()))
+    assert x.shape == (4, 3, 32, 32)
+    # iNat's own normalisation, not ImageNet's
+    assert data.train_set.transform.transforms[-1].mean == (0.466, 0.471, 0.380)
+
+
+@pytest.mark.parametrize('sampling', ['instance', 'balanced'])
+def test_ranks_together_draw_the_single_process_batches(sampling, monkeypatch):
+    """The list loaders shard global batches over ranks exactly as the CIFAR loader does."""
+    from utils import distributed
+    targets = [0] * 20 + [1] * 7 + [2] * 3
+
+    def batches(rank, world):
+        monkeypatch.setattr(distributed, 'rank', lambda: rank)
+        monkeypatch.setattr(distributed, 'world_size', lambda: world)
+        torch.manual_seed(0)
+        sampler = GlobalBatchSampler(targets, 3, 8, sampling, dual=True)
+        return len(sampler), list(sampler)
+
+    steps, single = batches(0, 1)
+    steps0, rank0 = batches(0, 2)
+    steps1, rank1 = batches(1, 2)
+    assert steps == steps0 == steps1 == 4
+    for whole, a, b in zip(single, rank0, rank1):
+        assert whole[0::2] == a and whole[1::2] == b
+    # dual: (balanced or instance index, instance index); the second stream is a permutation
+    assert sorted(j for batch in single for _, j in batch) == list(range(30))
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('dataset', ['imagenet', 'ina2018'])
+def test_both_stages_and_eval_on_workers(dataset, imagenet_lt_root, tmp_path):
+    stage1, stage2 = (IMAGENET1, IMAGENET2) if dataset == 'imagenet' else (INAT1, INAT2)
+    lists = inat_json_lists(imagenet_lt_root) if dataset == 'ina2018' else []
+    common = ['data_path', imagenet_lt_root, *lists, 'save_dir', str(tmp_path), *TINY, 'workers', '2']
+    s1 = ok(run_script('train_stage1.py', '--cfg', stage1, *common))
+    assert f'(IF=6, 10 evaluation images), 28 training images [12, 6, 5, 3, 2]' in s1.stdout
+    run1, = runs(tmp_path, '*stage1_ce_mixup')
+    ok(run_script('train_stage2.py', '--cfg', stage2, *common, 'resume', f'{run1}/ckps/model_best.pth.tar'))
+    run2, = runs(tmp_path, '*stage2_ce_h2t')
+    first, second = (torch.load(f'{r}/ckps/current.pth.tar', weights_only=True) for r in (run1, run2))
+    assert all(torch.equal(v, second['state_dict_model'][k]) for k, v in first['state_dict_model'].items()
+               if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
+    assert not torch.equal(first['state_dict_classifier']['fc.weight'], second['state_dict_classifier']['fc.weight'])
+    ev = ok(run_script('eval.py', '--cfg', stage2, *common, 'resume', f'{run2}/ckps/current.pth.tar'))
+    metrics = json.load(open(f'{run2}/ckps/current.eval.json'))
+    assert sum(metrics['reliability']['count']) == 10 and len(metrics['per_class_acc']) == 5
+    assert f"top1 {metrics['top1']:.2f}" in ev.stdout
+
+
+def test_stage1_resumes_exactly_with_worker_processes(imagenet_lt_root, tmp_path):
+    """Workers take their seeds from the checkpointed generator: 2 epochs straight = 1 epoch + resume."""
+    common = ['data_path', imagenet_lt_root, *TINY, 'workers', '2', 'num_epochs', '2', 'deterministic', 'True']
+    ok(run_script('train_stage1.py', '--cfg', IMAGENET1, *common, 'save_dir', str(tmp_path / 'straight')))
+    ok(run_script('train_stage1.py', '--cfg', IMAGENET1, *common, 'save_dir', str(tmp_path / 'cut'), 'num_epochs', '1'))
+    cut, = runs(tmp_path / 'cut')
+    ok(run_script('train_stage1.py', '--cfg', IMAGENET1, *common, 'save_dir', str(tmp_path / 'cut'),
+                  'resume', f'{cut}/ckps/current.pth.tar', 'auto_resume', 'True'))
+    straight, = runs(tmp_path / 'straight')
+    a, b = (torch.load(f'{r}/ckps/current.pth.tar', weights_only=True) for r in (straight, cut))
+    assert a['epoch'] == b['epoch'] == 2
+    for part in ('state_dict_model', 'state_dict_classifier'):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f'{part}.{k} differs'
+
+
+@pytest.mark.parametrize('dataset', ['imagenet', 'ina2018', 'places'])
+def test_two_processes_with_torchrun(dataset, imagenet_lt_root, places_stage1, tmp_path):
+    """2 CPU ranks (gloo), each with its own loader worker: a stage (both for ImageNet-LT), one checkpoint,
+    identical weights on the ranks, the whole evaluation list evaluated once."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+
+    def torchrun(script, cfg, common, save, port, *extra):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+               os.path.join(ROOT, script), '--cfg', cfg, *common, 'workers', '1', 'save_dir', str(save), *extra]
+        result = ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env))
+        assert 'weights identical on all 2 ranks' in result.stdout
+        run, = runs(save)
+        summary = json.load(open(f'{run}/summary.json'))
+        assert summary['world_size'] == 2 and sum(summary['last']['reliability']['count']) == 10
+        return run
+
+    common = ['data_path', imagenet_lt_root, *TINY]
+    if dataset == 'imagenet':
+        run1 = torchrun('train_stage1.py', IMAGENET1, common, tmp_path / 's1', 29527)
+        torchrun('train_stage2.py', IMAGENET2, common, tmp_path / 's2', 29528, 'resume', f'{run1}/ckps/current.pth.tar')
+    elif dataset == 'ina2018':
+        torchrun('train_stage1.py', INAT1, common + inat_json_lists(imagenet_lt_root), tmp_path / 's1', 29529)
+    else:
+        torchrun('train_stage2.py', PLACES2, places_stage1['common'], tmp_path / 's2', 29530,
+                 'resume', f'{places_stage1["run"]}/ckps/current.pth.tar')
+
+
+def test_places_trains_only_the_new_last_block_of_a_pretrained_resnet152(places_stage1, tmp_path):
+    from models import BACKBONES
+    stage1 = torch.load(f'{places_stage1["run"]}/ckps/current.pth.tar', weights_only=True)['state_dict_model']
+    # everything before the new block is ImageNet's, BN statistics included; layer4.2 was left out
+    assert 'layer4.2.conv1.weight' not in stage1 and 'block.conv1.weight' in stage1
+    for k, v in stage1.items():
+        if not k.startswith('block.'):
+            assert torch.equal(v, places_stage1['imagenet'][k]), k
+    torch.manual_seed(0)
+    fresh = BACKBONES['resnet152_places_fe']().state_dict()
+    assert not torch.equal(stage1['block.conv1.weight'], fresh['block.conv1.weight'])
+    ok(run_script('train_stage2.py', '--cfg', PLACES2, *places_stage1['common'], 'save_dir', str(tmp_path),
+                  'resume', f'{places_stage1["run"]}/ckps/current.pth.tar'))
+    stage2 = torch.load(f'{runs(tmp_path)[0]}/ckps/current.pth.tar', weights_only=True)['state_dict_model']
+    assert torch.equal(stage2['block.conv1.weight'], stage1['block.conv1.weight'])
+
+
+# -- bad input: one line, exit 2, nothing written ---------------------------------------------------------
+def bad(*args, tmp_path, match, config=IMAGENET1, capsys=None):
+    """The command's error, as `python train_stage1.py ...` gives it (in-process where capsys is given:
+    run_cli is what the script's __main__ runs, without the seconds of a new interpreter)."""
+    save = tmp_path / 'saved'
+    argv = ['--cfg', config, *TINY, 'workers', '0', 'save_dir', str(save), *args]
+    if capsys is None:
+        result = run_script('train_stage1.py', *argv)
+        code, err = result.returncode, result.stderr
+    else:
+        import train_stage1
+        from utils.errors import run_cli
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: train_stage1.main(argv))
+        code, err = exit_info.value.code, capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), err[-2000:]
+    assert match in lines[0], lines[0]
+    assert not save.exists()
+
+
+def broken_copy(root, tmp_path, edit):
+    """The generated dataset's lists, edited, beside its images."""
+    lines = open(f'{root}/ImageNet_LT_train.txt').read().splitlines()
+    path = tmp_path / 'train.txt'
+    path.write_text('\n'.join(edit(lines)) + '\n')
+    return ['data_path', root, 'train_list', str(path)]
+
+
+def test_missing_list_file(tmp_path):
+    bad('data_path', str(tmp_path / 'nowhere'), tmp_path=tmp_path, match='ImageNet_LT_train.txt not found')
+
+
+def test_missing_image(imagenet_lt_root, tmp_path, capsys):
+    args = broken_copy(imagenet_lt_root, tmp_path, lambda lines: lines + ['train/0/gone.jpg 0'])
+    bad(*args, tmp_path=tmp_path, match='1 of the 29 images', capsys=capsys)
+
+
+def test_label_out_of_range(imagenet_lt_root, tmp_path, capsys):
+    args = broken_copy(imagenet_lt_root, tmp_path, lambda lines: lines[:-1] + [lines[-1].split()[0] + ' 5'])
+    bad(*args, tmp_path=tmp_path, match='label 5 is outside 0..4', capsys=capsys)
+
+
+def test_empty_class(imagenet_lt_root, tmp_path, capsys):
+    args = broken_copy(imagenet_lt_root, tmp_path, lambda lines: [x for x in lines if not x.endswith(' 3')])
+    bad(*args, tmp_path=tmp_path, match='has no image of class 3', capsys=capsys)
+
+
+def test_malformed_line(imagenet_lt_root, tmp_path, capsys):
+    args = broken_copy(imagenet_lt_root, tmp_path, lambda lines: lines + ['train/0/0.jpg'])
+    bad(*args, tmp_path=tmp_path, match='train.txt:29: expected "<image path> <label>"', capsys=capsys)
+
+
+def test_missing_pretrained_weights(imagenet_lt_root, tmp_path, capsys):
+    bad('data_path', imagenet_lt_root, 'backbone', 'resnet152_places_fe', 'pretrained', str(tmp_path / 'r152.pth'),
+        tmp_path=tmp_path, match='r152.pth not found', config=PLACES1, capsys=capsys)
+
+
+def test_places_backbone_without_pretrained_weights(imagenet_lt_root, tmp_path, capsys):
+    bad('data_path', imagenet_lt_root, 'backbone', 'resnet152_places_fe', 'pretrained', '', tmp_path=tmp_path,
+        match='set pretrained', config=PLACES1, capsys=capsys)
+
+
+def test_pretrained_weights_of_another_network(imagenet_lt_root, tmp_path, capsys):
+    from torchvision.models import resnet18
+    torch.save(resnet18().state_dict(), tmp_path / 'r18.pth')
+    bad('data_path', imagenet_lt_root, 'pretrained', str(tmp_path / 'r18.pth'), tmp_path=tmp_path,
+        match='do not fit this backbone', capsys=capsys)
