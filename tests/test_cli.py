@@ -87,6 +87,21 @@ def test_eval_loads_dataparallel_checkpoints(pipeline, tmp_path):
     assert 'top1' in ev.stdout
 
 
+def test_model_zoo_weights_reproduce_the_checkpoints_figures(pipeline, tmp_path):
+    """export_weights.py: fp32 weights under the authors' keys only, small, and eval.py gives the same metrics."""
+    out = tmp_path / 'zoo' / 'weights' / 'stage2.pth.tar'
+    ok(run_script('scripts/export_weights.py', f"{pipeline['run2']}/ckps/model_best.pth.tar", str(out)))
+    zoo = torch.load(out, weights_only=True)
+    assert set(zoo) == {'epoch', 'state_dict_model', 'state_dict_classifier', 'best_acc1', 'its_ece'}
+    assert all(v.dtype in (torch.float32, torch.int64) for part in ('state_dict_model', 'state_dict_classifier')
+               for v in zoo[part].values())
+    assert out.stat().st_size < 2e6
+    ok(run_script('eval.py', '--cfg', STAGE2, *pipeline['common'], 'resume', str(out)))
+    ours = json.load(open(out.with_name('stage2.eval.json')))
+    original = json.load(open(f"{pipeline['run2']}/ckps/model_best.eval.json"))
+    assert {k: ours[k] for k in ('top1', 'per_class_acc', 'ece')} == {k: original[k] for k in ('top1', 'per_class_acc', 'ece')}
+
+
 def test_cifar100_runs(cifar100_root, tmp_path):
     save = str(tmp_path / 'saved')
     ok(run_script('train_stage1.py', '--cfg', 'config/cifar100/cifar100_imb001_stage1_ce_mixup.yaml',

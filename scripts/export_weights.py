@@ -1,0 +1,43 @@
+"""Write the weights of a checkpoint for the model zoo: fp32 tensors under the authors' key names, no
+optimizer, RNG or history, so that a ResNet-32 fits in about 1.9 MB and `eval.py` reproduces its figures.
+
+    python scripts/export_weights.py saved/<run>/ckps/model_best.pth.tar results/<table>/weights/<name>.pth.tar
+
+The file holds `state_dict_model`, `state_dict_classifier`, `epoch`, `best_acc1` and `its_ece` (the keys
+of the authors' checkpoints, which their code and this project's `resume` read). `.gitignore` lets
+`results/*/weights/*.pth.tar` be committed; nothing else of `*.pth.tar`.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+
+
+def weights_only(ckpt):
+    def fp32(state):
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return {'epoch': int(ckpt.get('epoch', 0)), 'state_dict_model': fp32(ckpt['state_dict_model']),
+            'state_dict_classifier': fp32(ckpt['state_dict_classifier']),
+            'best_acc1': float(ckpt.get('best_acc1', float('nan'))), 'its_ece': float(ckpt.get('its_ece', float('nan')))}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('checkpoint')
+    parser.add_argument('out')
+    args = parser.parse_args(argv)
+    ckpt = load_checkpoint(args.checkpoint)
+    if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+        raise UserError(f'{args.out} is the checkpoint itself; give another output path')
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_checkpoint(weights_only(ckpt), args.out)
+    print(f'wrote {args.out}: epoch {ckpt.get("epoch")}, {os.path.getsize(args.out) / 2 ** 20:.2f} MiB')
+
+
+if __name__ == '__main__':
+    run_cli(main)
