@@ -9,8 +9,8 @@ and fewer than 20 training images.
 
 Augmentation is MiSLAS's: RandomResizedCrop, horizontal flip, colour jitter 0.4/0.4/0.4, normalisation;
 evaluation resizes to 256/224 of the crop and takes the centre crop. Sampling is drawn in the main process
-as for CIFAR (instance, class-balanced, and the dual sampler of H2T), and every rank takes its own share
-of each global batch.
+as for CIFAR (instance, class-balanced, and the dual sampler of H2T), with a seed for each sample's
+augmentation, and every rank takes its own share of each global batch.
 """
 import json
 import os
@@ -89,7 +89,13 @@ def check_files_exist(root, items, list_path):
 
 
 class LT_Dataset(torch.utils.data.Dataset):
-    """Images of a list, labels already renumbered; item i is (transform(image), label)."""
+    """Images of a list, labels already renumbered; item i is (transform(image), label).
+
+    Training items are asked for as (index, seed): the transform's random draws then come from a
+    generator seeded with `seed`, which the main process drew for that sample of the epoch. So the
+    augmentation does not depend on which worker or rank loads the image: the ranks of a torchrun
+    together load exactly the single-process batches, and a resumed run continues exactly.
+    """
 
     def __init__(self, root, items, transform=None):
         self.root, self.transform = root, transform
@@ -99,26 +105,36 @@ class LT_Dataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def load(self, index):
+    def load(self, index, seed=None):
         path = os.path.join(self.root, self.paths[index])
         try:
             with Image.open(path) as img:
                 img = img.convert('RGB')
         except OSError as e:
             raise UserError(f'cannot decode image {path} ({e}); replace the file or drop it from the list')
-        return self.transform(img) if self.transform is not None else img
+        if self.transform is None:
+            return img
+        if seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img)
 
-    def __getitem__(self, index):
-        if isinstance(index, tuple):  # dual sampler: (balanced index, instance index)
-            i, j = index
-            return self.load(i), self.targets[i], self.load(j), self.targets[j]
-        return self.load(index), self.targets[index]
+    def __getitem__(self, item):
+        if isinstance(item, int):  # evaluation: deterministic transform
+            return self.load(item), self.targets[item]
+        if isinstance(item[0], tuple):  # dual sampler: ((balanced index, seed), (instance index, seed))
+            (i, si), (j, sj) = item
+            return self.load(i, si), self.targets[i], self.load(j, sj), self.targets[j]
+        i, seed = item
+        return self.load(i, seed), self.targets[i]
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """This rank's indices of each step: the epoch's order is drawn in the main process from torch's
-    global generator (every rank the same), as DeviceTrainLoader draws it; with `dual`, each item is a
-    pair (class-balanced or instance index, instance index)."""
+    """This rank's items of each step. The epoch's order and a seed for each sample's augmentation are
+    drawn in the main process from torch's global generator (every rank the same), as DeviceTrainLoader
+    draws its crops; items are (index, seed), with `dual` pairs of them (class-balanced or instance
+    sample, instance sample)."""
 
     def __init__(self, targets, num_classes, batch_size, sampling, dual):
         self.targets = torch.as_tensor(targets, dtype=torch.long)
@@ -127,10 +143,14 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     def __len__(self):
         return num_global_batches(len(self.targets), self.batch_size)
 
+    def _seeded(self, index):
+        seeds = torch.randint(2 ** 62, (len(index),))
+        return list(zip(index.tolist(), seeds.tolist()))
+
     def __iter__(self):
-        order = epoch_indices(self.targets, self.num_classes, self.sampling).tolist()
+        order = self._seeded(epoch_indices(self.targets, self.num_classes, self.sampling))
         if self.dual:
-            order = list(zip(order, instance_indices(len(self.targets)).tolist()))
+            order = list(zip(order, self._seeded(instance_indices(len(self.targets)))))
         for s in global_batch_shards(len(order), self.batch_size):
             yield order[s]
 
@@ -186,12 +206,13 @@ class ImageNet_LT:
         self.class_splits = count_splits(self.cls_num_list)
 
     def _loader(self, dataset, batch_sampler):
-        # Workers start afresh each epoch (not persistent) and take their seeds from the main process's
-        # generator, so an epoch's augmentation follows from the checkpointed RNG state: resume is exact.
+        # The augmentation's randomness comes with each item (its seed), not from the workers' own seeds; a
+        # private generator keeps the DataLoader's seed draws out of the global one the run checkpoints.
         cfg = self.cfg
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
-                                             pin_memory=self.device.type == 'cuda',
-                                             prefetch_factor=4 if cfg.workers > 0 else None)
+                                             pin_memory=self.device.type == 'cuda', persistent_workers=cfg.workers > 0,
+                                             prefetch_factor=4 if cfg.workers > 0 else None,
+                                             generator=torch.Generator())
         return TorchLoader(loader, self.device, cfg.channels_last)
 
     def train_loader(self):

@@ -116,27 +116,42 @@ def test_inat_official_json_is_read(tmp_path):
     assert data.train_set.transform.transforms[-1].mean == (0.466, 0.471, 0.380)
 
 
-@pytest.mark.parametrize('sampling', ['instance', 'balanced'])
-def test_ranks_together_draw_the_single_process_batches(sampling, monkeypatch):
-    """The list loaders shard global batches over ranks exactly as the CIFAR loader does."""
+@pytest.mark.parametrize('config', [IMAGENET1, IMAGENET2])
+def test_ranks_together_load_the_single_process_batches(config, imagenet_lt_root, monkeypatch):
+    """Images included: each sample's augmentation comes with its seed, so 2 ranks (one loading in-process,
+    one with 2 workers) together give exactly the single-process batches, as the CIFAR loader does."""
+    from datasets import build_data
     from utils import distributed
-    targets = [0] * 20 + [1] * 7 + [2] * 3
 
-    def batches(rank, world):
+    def batches(rank, world, workers):
         monkeypatch.setattr(distributed, 'rank', lambda: rank)
         monkeypatch.setattr(distributed, 'world_size', lambda: world)
         torch.manual_seed(0)
-        sampler = GlobalBatchSampler(targets, 3, 8, sampling, dual=True)
-        return len(sampler), list(sampler)
+        data = build_data(cfg_for(imagenet_lt_root, 'workers', str(workers), config=config), torch.device('cpu'))
+        return list(data.train_loader())
 
-    steps, single = batches(0, 1)
-    steps0, rank0 = batches(0, 2)
-    steps1, rank1 = batches(1, 2)
-    assert steps == steps0 == steps1 == 4
+    single, rank0, rank1 = batches(0, 1, 0), batches(0, 2, 2), batches(1, 2, 0)
+    assert len(single) == len(rank0) == len(rank1) == 4  # 28 images, batches of 8: the last one of 4
+    assert len(single[0]) == (4 if config == IMAGENET2 else 2)  # stage 2: the dual sampler's two branches
     for whole, a, b in zip(single, rank0, rank1):
-        assert whole[0::2] == a and whole[1::2] == b
-    # dual: (balanced or instance index, instance index); the second stream is a permutation
-    assert sorted(j for batch in single for _, j in batch) == list(range(30))
+        for part, tensor in enumerate(whole):
+            merged = torch.empty_like(tensor)
+            merged[0::2], merged[1::2] = a[part], b[part]
+            assert torch.equal(merged, tensor)
+    x = torch.cat([batch[0] for batch in single])
+    assert not torch.equal(x[0], x[1])  # and the samples are augmented
+
+
+def test_balanced_and_dual_sampling_draws(monkeypatch):
+    targets = [0] * 20 + [1] * 7 + [2] * 3
+    torch.manual_seed(0)
+    items = [item for _ in range(200) for batch in GlobalBatchSampler(targets, 3, 8, 'balanced', dual=True)
+             for item in batch]
+    classes = torch.bincount(torch.tensor([targets[i] for (i, _), _ in items]), minlength=3).float()
+    assert (classes / classes.sum() - 1 / 3).abs().max() < 0.02  # class uniform
+    second = torch.tensor([j for _, (j, _) in items[:30]])
+    assert sorted(second.tolist()) == list(range(30))  # the fusing branch: one pass of the long-tailed set
+    assert len({seed for (_, seed), _ in items}) == len(items)  # a seed of its own for every sample
 
 
 # -- end to end ------------------------------------------------------------------------------------------
