@@ -13,6 +13,9 @@
 #                                        the authors' protocol, or STAGE1_CKPT) and/or last (the last
 #                                        epoch: ckps/current.pth.tar of the stage-1 run); default best
 #   SEEDS                                stage-2 seeds, each a run per rho (default 0)
+#   JOBS                                 stage-2 runs at a time (default 1); each parallel run logs to
+#                                        $SAVE_DIR/<run name>.log. On a GPU several share it well; on
+#                                        CPU give each OMP_NUM_THREADS=cores/JOBS
 #   SAVE_DIR (saved), RESULTS (results/<name of PREFIX>)
 #   PYTHON                               the interpreter to run (default: python on PATH)
 set -euo pipefail
@@ -37,8 +40,9 @@ save=${SAVE_DIR:-saved}
 results=${RESULTS:-results/$name}
 py=${PYTHON:-python}
 export PYTHONUNBUFFERED=1
+mkdir -p "$save"
 
-newest_run() { ls -dt "$save/$1"_* 2>/dev/null | head -1; }
+newest_run() { ls -dt "$save/$1"_[0-9]*/ 2>/dev/null | head -1 | sed "s:/$::"; }  # NAME_<YYYYmmddHHMM>, not NAME_seed1_...
 
 if [ -n "${STAGE1_CKPT:-}" ]; then
     run1=$(dirname "$(dirname "$STAGE1_CKPT")")
@@ -48,7 +52,12 @@ else
     run1=$(newest_run "${name}_${stage1}")
 fi
 
-runs=("$run1")
+stage2_run() {  # CKPT RHO SEED RUN_NAME: train, then evaluate its model_best
+    "$py" train_stage2.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$1" H2T "$2" seed "$3" name "$4"
+    "$py" eval.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$(newest_run "$4")/ckps/model_best.pth.tar"
+}
+
+names=(); pids=()
 for from in ${FROM:-best}; do
     case $from in
         best) ckpt=${STAGE1_CKPT:-$run1/ckps/model_best.pth.tar}; tag='' ;;
@@ -59,12 +68,22 @@ for from in ${FROM:-best}; do
         for rho in "${rhos[@]}"; do
             run_name=${name}_${stage2%_H2T}${tag}_rho${rho}$([ "$seed" = 0 ] || echo "_seed$seed")
             echo "== stage 2 from $from: rho $rho, seed $seed"
-            "$py" train_stage2.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$ckpt" H2T "$rho" \
-                seed "$seed" name "$run_name"
-            run2=$(newest_run "$run_name")
-            "$py" eval.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$run2/ckps/model_best.pth.tar"
-            runs+=("$run2")
+            names+=("$run_name")
+            if [ "${JOBS:-1}" -le 1 ]; then
+                stage2_run "$ckpt" "$rho" "$seed" "$run_name"
+            else
+                while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+                stage2_run "$ckpt" "$rho" "$seed" "$run_name" > "$save/$run_name.log" 2>&1 &
+                pids+=($!)
+            fi
         done
     done
 done
+failed=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "error: stage-2 run ${names[$i]} failed; see $save/${names[$i]}.log" >&2; failed=1; }
+done
+[ $failed = 0 ] || exit 1
+runs=("$run1")
+for n in "${names[@]}"; do runs+=("$(newest_run "$n")"); done
 "$py" scripts/collect_results.py --out "$results" "${runs[@]}"

@@ -132,3 +132,22 @@ def test_real_cifar100_lt_subsets_have_the_published_totals(imb):
     assert train.get_cls_num_list() == img_num_per_cls(500, 100, 'exp', 1 / imb)
     test = IMBALANCECIFAR100(REAL_CIFAR100, train=False)
     assert len(test) == 10000 and set(test.get_cls_num_list()) == {100}
+
+
+@pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
+def test_device_pack_gives_every_subset_and_the_test_set_unchanged(dataset, cifar10_root, cifar100_root, tmp_path):
+    """scripts/device_pack.py: what travels to a lent GPU reads back as the same subsets and test set."""
+    from scripts.device_pack import SHIPPED_IMB_FACTORS, main
+    root = cifar10_root if dataset == 'cifar10' else cifar100_root
+    cls = IMBALANCECIFAR10 if dataset == 'cifar10' else IMBALANCECIFAR100
+    main(['pack', dataset, root, str(tmp_path / 'pack.xz')])
+    main(['unpack', str(tmp_path / 'pack.xz'), str(tmp_path / 'unpacked')])
+    for factor in SHIPPED_IMB_FACTORS[dataset]:
+        a = cls(root, imb_factor=factor)
+        b = cls(str(tmp_path / 'unpacked'), imb_factor=factor)
+        assert np.array_equal(a.data, b.data) and a.targets == b.targets
+    a, b = cls(root, train=False), cls(str(tmp_path / 'unpacked'), train=False)
+    assert np.array_equal(a.data, b.data) and a.targets == b.targets
+    # the images no subset keeps are zero, so the pack is smaller than the data
+    whole = cls(str(tmp_path / 'unpacked'), imb_factor=1.0)
+    assert (whole.data.reshape(len(whole.data), -1).max(1) == 0).any()

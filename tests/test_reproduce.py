@@ -1,4 +1,5 @@
 import csv
+import glob
 import importlib.util
 import json
 import os
@@ -13,12 +14,14 @@ from conftest import ROOT
 def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
     tiny = f'data_path {cifar10_root} num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
     env = dict(os.environ, PYTHON=sys.executable, STAGE1_OVERRIDES=tiny, STAGE2_OVERRIDES=tiny,
-               SAVE_DIR=str(tmp_path / 'saved'), RESULTS=str(tmp_path / 'results'), SEEDS='0 1', FROM='last')
+               SAVE_DIR=str(tmp_path / 'saved'), RESULTS=str(tmp_path / 'results'), SEEDS='0 1', FROM='last',
+               JOBS='2', OMP_NUM_THREADS='1')  # stage-2 runs two at a time, each logging to its own file
     result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0', '0.5'], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = tmp_path / 'results'
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    assert len(glob.glob(str(tmp_path / 'saved' / '*_rho*.log'))) == 4
     assert [(r['stage'], r['from'], r['seed'], r['rho']) for r in rows] == [('stage1', '', '0', '')] + [
         ('stage2', 'last', seed, rho) for seed in '01' for rho in ('0.0', '0.5')]
     assert all(0 <= float(r['best_top1']) <= 100 for r in rows)
