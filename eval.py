@@ -5,6 +5,7 @@
 Prints the metrics and writes them as JSON beside the checkpoint (<checkpoint>.eval.json).
 """
 import json
+import os
 
 from utils import distributed
 from utils.engine import evaluate, format_metrics
@@ -23,8 +24,10 @@ def main(argv=None):
     print(f'{cfg.resume} (epoch {s.ckpt.get("epoch")}): {format_metrics(metrics)} | '
           f'confidence {metrics["confidence"] * 100:.2f}%')
     out = cfg.resume.removesuffix('.pth.tar').removesuffix('.pth') + '.eval.json'
-    with open(out, 'w') as f:
+    tmp = f'{out}.{os.getpid()}.tmp'  # two evaluations of one checkpoint at once each write a whole file
+    with open(tmp, 'w') as f:
         json.dump(metrics, f, indent=1)
+    os.replace(tmp, out)
     print(f'wrote {out}')
 
 

@@ -64,6 +64,9 @@ def main():
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--dir', default=None, help='where to write the JPEGs (default: a temporary folder)')
     args = parser.parse_args()
+    if args.images < 2 * args.batch_size:
+        parser.error('--images must be at least twice --batch-size: the first batch, which starts the workers, '
+                     'is not timed')
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or tmp
         size = write_images(root, args.images, args.width, args.height)

@@ -5,6 +5,7 @@ CIFAR-LT paper (see `img_num_per_cls` and `IMBALANCECIFAR10.__init__`); the test
 balanced one. Files are read here rather than through torchvision because torchvision refuses any
 file whose MD5 differs from the official one (re-encoded copies, generated test data).
 """
+import json
 import os
 import pickle
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from utils.errors import UserError
 
+PACK_MARKER = 'device_pack.json'  # written by scripts/device_pack.py: the folder holds only these subsets
 OFFLINE_HINT = ('on a machine without internet, `python ../shared/data/make_cifar10.py DATA_PATH` '
                 'writes CIFAR-10 there; otherwise set download True')
 
@@ -47,6 +49,7 @@ class IMBALANCECIFAR10(torch.utils.data.Dataset):
         self._ensure_files(download)
         data, targets = self._read(self.train_files if train else self.test_files)
         if train:
+            self._check_packed_subsets(imb_type, imb_factor)
             self.img_num_list = img_num_per_cls(len(data) / self.cls_num, self.cls_num, imb_type, imb_factor)
             data, targets = self._long_tailed_subset(data, targets, self.img_num_list, rand_number)
         self.data, self.targets = data, targets.tolist()
@@ -55,6 +58,17 @@ class IMBALANCECIFAR10(torch.utils.data.Dataset):
     @property
     def folder(self):
         return os.path.join(self.root, self.base_folder)
+
+    def _check_packed_subsets(self, imb_type, imb_factor):
+        marker = os.path.join(self.folder, PACK_MARKER)
+        if not os.path.isfile(marker):
+            return
+        with open(marker) as f:
+            packed = json.load(f)
+        if imb_type != packed['imb_type'] or not any(abs(imb_factor - f) < 1e-12 for f in packed['imb_factors']):
+            raise UserError(f'{self.folder} was unpacked by scripts/device_pack.py and holds only the '
+                            f'{packed["imb_type"]} subsets of imb_factor {packed["imb_factors"]}; {imb_type} '
+                            f'{imb_factor} would train on blank images: use the full data (README: Data)')
 
     def _missing_files(self):
         return [f for f in self.train_files + self.test_files if not os.path.isfile(os.path.join(self.folder, f))]

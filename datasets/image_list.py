@@ -3,7 +3,7 @@
 A list file has one `relative/path.jpg label` a line (the Decoupling/MiSLAS/H2T `*_train.txt` files);
 iNaturalist 2018 may instead be given by its official `train2018.json` / `val2018.json`. Paths are relative
 to `data_path`. As in the authors' loaders, labels are renumbered by training-image count, most frequent
-first (ties keep the original order), so class 0 is the head and the logits follow that order; the
+first (their `np.argsort(-counts)`), so class 0 is the head and the logits follow that order; the
 evaluation list uses the same renumbering. Many/medium/few are the classes with more than 100, 20 to 100
 and fewer than 20 training images.
 
@@ -116,8 +116,8 @@ class LT_Dataset(torch.utils.data.Dataset):
             return img
         if seed is None:
             return self.transform(img)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator alone: CUDA's stay untouched
+            torch.default_generator.manual_seed(seed)
             return self.transform(img)
 
     def __getitem__(self, item):
@@ -156,17 +156,22 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 
 class EvalBatchSampler(torch.utils.data.Sampler):
-    """The evaluation list in order, each rank its share of every batch."""
+    """The evaluation list in order, each rank its share of every batch; a last batch too small to give
+    every rank an image joins the one before, so all ranks run the same number of batches."""
 
     def __init__(self, num_items, batch_size):
-        self.num_items, self.batch_size = num_items, batch_size
+        bounds = list(range(0, num_items, batch_size)) + [num_items]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < distributed.world_size():
+            del bounds[-2]
+        self.batches = list(zip(bounds, bounds[1:]))
+        self.num_items = num_items
 
     def __len__(self):
-        return -(-self.num_items // self.batch_size)
+        return len(self.batches)
 
     def __iter__(self):
-        for start in range(0, self.num_items, self.batch_size):
-            yield list(range(self.num_items)[distributed.shard(start, min(start + self.batch_size, self.num_items))])
+        for start, stop in self.batches:
+            yield list(range(self.num_items)[distributed.shard(start, stop)])
 
 
 class ImageNet_LT:
@@ -187,8 +192,9 @@ class ImageNet_LT:
                             f'fix the list or num_classes')
         check_files_exist(cfg.data_path, train_items, train_path)
         check_files_exist(cfg.data_path, eval_items, eval_path)
-        # renumber by training-image count, most frequent first (stable), as the authors' class_map
-        order = np.argsort(-counts, kind='stable')
+        # renumber by training-image count, most frequent first: the authors' class_map, the same numpy call
+        # (numpy's default sort, so classes of equal count come in the order it gives them)
+        order = np.argsort(-counts)
         self.class_map = np.empty_like(order)
         self.class_map[order] = np.arange(len(order))
         self.cls_num_list = counts[order].tolist()
@@ -205,13 +211,13 @@ class ImageNet_LT:
                             f'{len(eval_items)} evaluation images)')
         self.class_splits = count_splits(self.cls_num_list)
 
-    def _loader(self, dataset, batch_sampler):
+    def _loader(self, dataset, batch_sampler, persistent):
         # The augmentation's randomness comes with each item (its seed), not from the workers' own seeds; a
         # private generator keeps the DataLoader's seed draws out of the global one the run checkpoints.
         cfg = self.cfg
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
-                                             pin_memory=self.device.type == 'cuda', persistent_workers=cfg.workers > 0,
-                                             prefetch_factor=4 if cfg.workers > 0 else None,
+                                             pin_memory=self.device.type == 'cuda',
+                                             persistent_workers=persistent and cfg.workers > 0,
                                              generator=torch.Generator())
         return TorchLoader(loader, self.device, cfg.channels_last)
 
@@ -221,11 +227,13 @@ class ImageNet_LT:
         cfg = self.cfg
         sampling = 'balanced' if cfg.sampler.type == 'weighted sampler' else 'instance'
         dual = cfg.sampler.dual_sample.enable and cfg.H2T > 0
-        return self._loader(self.train_set, GlobalBatchSampler(self.train_set.targets, cfg.num_classes, cfg.batch_size,
-                                                               sampling, dual))
+        sampler = GlobalBatchSampler(self.train_set.targets, cfg.num_classes, cfg.batch_size, sampling, dual)
+        return self._loader(self.train_set, sampler, persistent=True)
 
     def eval_loader(self):
-        return self._loader(self.test_set, EvalBatchSampler(len(self.test_set), self.cfg.eval_batch_size))
+        # workers for evaluation start at each evaluation: no idle processes (and their memory) while training
+        return self._loader(self.test_set, EvalBatchSampler(len(self.test_set), self.cfg.eval_batch_size),
+                            persistent=False)
 
 
 class Places_LT(ImageNet_LT):

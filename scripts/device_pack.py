@@ -7,10 +7,12 @@ The pack holds every training label, the training images of the exp long-tailed 
 configs (`--imb-factors`; drawn from one seed, they nest, so their union is the largest one), and the
 whole test set, xz-compressed. `unpack` writes the official file layout with zeros for the training images
 no subset uses: the subset rule picks images by label and seed only, so every run reads exactly the
-pixels of the official files. The shipped CIFAR-100-LT IFs (200 / 100 / 50) pack into 50.4 MiB.
+pixels of the official files; a marker file makes any other subset an error rather than blank images.
+The shipped CIFAR-100-LT IFs (200 / 100 / 50) pack into 50.4 MiB.
 """
 import argparse
 import io
+import json
 import lzma
 import os
 import pickle
@@ -19,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from datasets.cifar_lt import IMBALANCECIFAR10, IMBALANCECIFAR100, img_num_per_cls  # noqa: E402
+from datasets.cifar_lt import PACK_MARKER, IMBALANCECIFAR10, IMBALANCECIFAR100, img_num_per_cls  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
 DATASETS = {'cifar10': IMBALANCECIFAR10, 'cifar100': IMBALANCECIFAR100}
@@ -70,6 +72,9 @@ def unpack(path, root):
     train = np.zeros((len(data['train_labels']), 32, 32, 3), dtype=np.uint8)
     train[data['kept']] = data['kept_images']
     folder = os.path.join(root, cls.base_folder)
+    existing = [f for f in cls.train_files + cls.test_files if os.path.exists(os.path.join(folder, f))]
+    if existing:
+        raise UserError(f'{folder} already holds {", ".join(existing)}; unpack into a folder without CIFAR files')
     os.makedirs(folder, exist_ok=True)
 
     def write(name, images, labels):
@@ -83,6 +88,8 @@ def unpack(path, root):
     else:
         write(cls.train_files[0], train, data['train_labels'])
     write(cls.test_files[0], data['test_images'], data['test_labels'])
+    with open(os.path.join(folder, PACK_MARKER), 'w') as f:  # IMBALANCECIFAR10 refuses other subsets
+        json.dump({'imb_type': 'exp', 'imb_factors': [float(x) for x in data['imb_factors']]}, f)
     print(f'wrote {folder}: {len(data["kept"])} training images of the long-tailed subsets (the others zero), '
           f'{len(data["test_labels"])} test images')
 

@@ -3,9 +3,10 @@ optimizer, RNG or history, so that a ResNet-32 fits in about 1.9 MB and `eval.py
 
     python scripts/export_weights.py saved/<run>/ckps/model_best.pth.tar results/<table>/weights/<name>.pth.tar
 
-The file holds `state_dict_model`, `state_dict_classifier`, `epoch`, `best_acc1` and `its_ece` (the keys
-of the authors' checkpoints, which their code and this project's `resume` read). `.gitignore` lets
-`results/*/weights/*.pth.tar` be committed; nothing else of `*.pth.tar`.
+The file holds `state_dict_model`, `state_dict_classifier`, `epoch`, `best_acc1` and `its_ece`: the
+authors' checkpoint keys and parameter names, without the `module.` prefix their DataParallel models
+add (this project's `resume` and `eval.py` read it; their scripts need the prefix put back).
+`.gitignore` lets `results/*/weights/*.pth.tar` be committed; nothing else of `*.pth.tar`.
 """
 import argparse
 import os

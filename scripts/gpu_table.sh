@@ -61,10 +61,10 @@ for pid in "${pids[@]}"; do wait "$pid" || echo "a table run failed: see its log
 
 zoo() {  # IMB: stage-1 model_best and last epoch, and the H2T stage 2 (rho 0.25, seed 0, from model_best)
     local run1 run2 w=$RES/cifar100_imb$1/weights
-    run1=$(ls -d "$SAVE/imb$1"/cifar100_imb$1_stage1_ce_mixup_* | head -1)
-    run2=$(ls -d "$SAVE/imb$1"/cifar100_imb$1_stage2_ce_rho0.25_2* | head -1)
-    python3 scripts/export_weights.py "$run1/ckps/model_best.pth.tar" "$w/stage1_ce_mixup_best.pth.tar"
-    python3 scripts/export_weights.py "$run1/ckps/current.pth.tar" "$w/stage1_ce_mixup_last.pth.tar"
+    run1=$(ls -d "$SAVE/imb$1"/cifar100_imb$1_stage1_ce_mixup_* | head -1) &&
+    run2=$(ls -d "$SAVE/imb$1"/cifar100_imb$1_stage2_ce_rho0.25_2* | head -1) || return 1
+    python3 scripts/export_weights.py "$run1/ckps/model_best.pth.tar" "$w/stage1_ce_mixup_best.pth.tar" &&
+    python3 scripts/export_weights.py "$run1/ckps/current.pth.tar" "$w/stage1_ce_mixup_last.pth.tar" &&
     python3 scripts/export_weights.py "$run2/ckps/model_best.pth.tar" "$w/stage2_ce_H2T_rho0.25.pth.tar"
 }
 for imb in 0005 001 002; do
@@ -78,7 +78,9 @@ if [ "$(elapsed)" -ge "$BUDGET_S" ]; then
     echo "phase 2 skipped: the table took $(elapsed) s (BUDGET_S $BUDGET_S)" >> "$OUT/gpu.txt"
     exit 0
 fi
-ckpt=$(ls -d "$SAVE/imb001"/cifar100_imb001_stage1_ce_mixup_* | head -1)/ckps/model_best.pth.tar
+run1=$(ls -d "$SAVE/imb001"/cifar100_imb001_stage1_ce_mixup_* 2>/dev/null | head -1) || true
+[ -n "$run1" ] || { echo "phase 2 skipped: no IF-100 stage 1 (see table_imb001's log)" >> "$OUT/gpu.txt"; exit 1; }
+ckpt=$run1/ckps/model_best.pth.tar
 ( STAGE1_CKPT=$ckpt SAVE_DIR=$SAVE/sweep RESULTS=$RES/cifar100_imb001_rho_sweep SEEDS=0 FROM=best \
       bash scripts/reproduce.sh config/cifar100/cifar100_imb001 0 0.1 0.2 0.25 0.3 0.5 0.75 1.0 > "$SAVE/sweep.log" 2>&1
   echo "rho sweep: done at $(elapsed) s" ) >> "$OUT/gpu.txt" &

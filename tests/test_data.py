@@ -148,6 +148,8 @@ def test_device_pack_gives_every_subset_and_the_test_set_unchanged(dataset, cifa
         assert np.array_equal(a.data, b.data) and a.targets == b.targets
     a, b = cls(root, train=False), cls(str(tmp_path / 'unpacked'), train=False)
     assert np.array_equal(a.data, b.data) and a.targets == b.targets
-    # the images no subset keeps are zero, so the pack is smaller than the data
-    whole = cls(str(tmp_path / 'unpacked'), imb_factor=1.0)
-    assert (whole.data.reshape(len(whole.data), -1).max(1) == 0).any()
+    # the images no subset keeps are blank, so any other subset is refused, and nothing is overwritten
+    with pytest.raises(UserError, match='holds only the exp subsets'):
+        cls(str(tmp_path / 'unpacked'), imb_factor=1.0)
+    with pytest.raises(UserError, match='already holds'):
+        main(['unpack', str(tmp_path / 'pack.xz'), str(tmp_path / 'unpacked')])

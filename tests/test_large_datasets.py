@@ -154,6 +154,24 @@ def test_balanced_and_dual_sampling_draws(monkeypatch):
     assert len({seed for (_, seed), _ in items}) == len(items)  # a seed of its own for every sample
 
 
+def test_every_rank_gets_images_in_every_evaluation_batch(monkeypatch):
+    from datasets.image_list import EvalBatchSampler
+    from utils import distributed
+    monkeypatch.setattr(distributed, 'world_size', lambda: 2)
+    shares = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, 'rank', lambda: rank)
+        shares[rank] = list(EvalBatchSampler(9, 4))  # a last batch of 1 image would leave rank 1 none
+    assert shares[0] == [[0, 2], [4, 6, 8]] and shares[1] == [[1, 3], [5, 7]]
+
+
+def test_split_means_leave_out_classes_without_evaluation_images():
+    from utils.metrics import finalize, metric_sums
+    probs = torch.eye(3)[[0, 0, 0]]  # all predicted class 0: class 0 right, class 1 wrong
+    metrics = finalize(metric_sums(probs, torch.tensor([0, 0, 1])), count_splits([500, 50, 5]))  # class 2: no image
+    assert (metrics['many'], metrics['medium']) == (100.0, 0.0) and metrics['few'] != metrics['few']  # nan
+
+
 # -- end to end ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('dataset', ['imagenet', 'ina2018'])
 def test_both_stages_and_eval_on_workers(dataset, imagenet_lt_root, tmp_path):
@@ -231,8 +249,11 @@ def test_places_trains_only_the_new_last_block_of_a_pretrained_resnet152(places_
     assert not torch.equal(stage1['block.conv1.weight'], fresh['block.conv1.weight'])
     ok(run_script('train_stage2.py', '--cfg', PLACES2, *places_stage1['common'], 'save_dir', str(tmp_path),
                   'resume', f'{places_stage1["run"]}/ckps/current.pth.tar'))
-    stage2 = torch.load(f'{runs(tmp_path)[0]}/ckps/current.pth.tar', weights_only=True)['state_dict_model']
+    run2, = runs(tmp_path)
+    stage2 = torch.load(f'{run2}/ckps/current.pth.tar', weights_only=True)['state_dict_model']
     assert torch.equal(stage2['block.conv1.weight'], stage1['block.conv1.weight'])
+    ok(run_script('eval.py', '--cfg', PLACES2, *places_stage1['common'], 'resume', f'{run2}/ckps/current.pth.tar'))
+    assert sum(json.load(open(f'{run2}/ckps/current.eval.json'))['reliability']['count']) == 10
 
 
 # -- bad input: one line, exit 2, nothing written ---------------------------------------------------------
@@ -296,6 +317,21 @@ def test_missing_pretrained_weights(imagenet_lt_root, tmp_path, capsys):
 def test_places_backbone_without_pretrained_weights(imagenet_lt_root, tmp_path, capsys):
     bad('data_path', imagenet_lt_root, 'backbone', 'resnet152_places_fe', 'pretrained', '', tmp_path=tmp_path,
         match='set pretrained', config=PLACES1, capsys=capsys)
+
+
+def test_an_unreadable_image_met_by_a_worker_is_one_line(imagenet_lt_root, tmp_path, capsys):
+    import shutil
+    import train_stage1
+    from utils.errors import run_cli
+    root = tmp_path / 'copy'
+    shutil.copytree(imagenet_lt_root, root)
+    (root / 'train' / '2' / '0.jpg').write_bytes(b'not a jpeg')
+    argv = ['--cfg', IMAGENET1, 'data_path', str(root), *TINY, 'workers', '1', 'save_dir', str(tmp_path / 'saved')]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train_stage1.main(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith('error: cannot decode image') and 'train/2/0.jpg' in lines[0]
 
 
 def test_pretrained_weights_of_another_network(imagenet_lt_root, tmp_path, capsys):

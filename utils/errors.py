@@ -13,7 +13,10 @@ def run_cli(main):
     try:
         main()
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        message = str(e).strip()
+        if '\n' in message:  # raised in a DataLoader worker, which wraps it in the worker's traceback
+            message = message.splitlines()[-1].split('UserError: ', 1)[-1]
+        print(f'error: {message}', file=sys.stderr)
         sys.exit(2)
     finally:
         distributed.finish()

@@ -52,10 +52,16 @@ def config_splits(cfg):
             (('many', 'head_class_idx'), ('medium', 'med_class_idx'), ('few', 'tail_class_idx'))}
 
 
-def split_accuracy(per_class_acc, splits):
-    """Mean per-class accuracy over each split's classes (nan for an empty split)."""
-    return {split: per_class_acc[classes.to(per_class_acc.device)].mean().item() * 100 if len(classes) else float('nan')
-            for split, classes in splits.items()}
+def split_accuracy(per_class_acc, splits, present=None):
+    """Mean per-class accuracy over each split's classes that have evaluation images (`present`, a bool
+    mask; default all); nan for a split without any."""
+    out = {}
+    for split, classes in splits.items():
+        classes = classes.to(per_class_acc.device)
+        if present is not None:
+            classes = classes[present[classes]]
+        out[split] = per_class_acc[classes].mean().item() * 100 if len(classes) else float('nan')
+    return out
 
 
 def finalize(sums, splits):
@@ -66,7 +72,7 @@ def finalize(sums, splits):
     return {
         'top1': (sums['class_correct'].sum() / n).item() * 100,
         'top5': (sums['top5'].sum() / n).item() * 100,
-        **split_accuracy(per_class_acc, splits),
+        **split_accuracy(per_class_acc, splits, sums['class_total'] > 0),
         'ece': ece_from_sums(sums),
         'confidence': (sums['bin_confidence'].sum() / n).item(),
         'test_loss': (sums['nll'].sum() / n).item(),  # mean NLL of the evaluated set
