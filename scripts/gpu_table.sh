@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CIFAR-100-LT table (IF 200 / 100 / 50: stage 1, stage 2 rho 0 and 0.25 from model_best and from the
-# last epoch, 3 seeds), then at IF 100 the rho sweep and the MiSLAS / MiSLAS + H2T rows (3 seeds), on one
-# lent GPU in one call. ResNet-32 leaves a large GPU mostly idle, so the three IFs run side by side and
-# each runs its stage-2 runs JOBS at a time.
+# last epoch, 3 seeds) and the LDAM-DRW row at IF 100 (its own stage 1, then rho 0 / 0.25), then at IF 100
+# the rho sweep and the MiSLAS / MiSLAS + H2T rows (3 seeds), on one lent GPU in one call. ResNet-32
+# leaves a large GPU mostly idle, so the four stage 1s run side by side and each runs its stage-2 runs
+# JOBS at a time.
 #
 # Here (a machine with the data and pip):      bash scripts/gpu_table.sh --prepare
 #   packs the long-tailed subsets and the test set into the ignored data/pack/ (scripts/device_pack.py,
@@ -10,7 +11,8 @@
 # There (the device tool, from the repo root): bash scripts/gpu_table.sh   carry ["data/pack", ".whl"]
 # $OUT gets gpu.txt (GPU, versions, wall times) and a tarball per part: results/<name>/ as
 # scripts/collect_results.py writes it, the zoo weights in each IF's weights/, and the logs.
-# Dry run on CPU: DEVICE=cpu DATA=<cifar100 root> OVERRIDES="num_epochs 1 compile False" SEEDS=0 FROM=best
+# Dry run on CPU: DEVICE=cpu DATA=<cifar100 root> SEEDS=0 FROM=best
+#   OVERRIDES="num_epochs 1 compile False loss.LDAM.reweight_epoch 0"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,7 +59,12 @@ for imb in 0005 001 002; do
         >> "$OUT/gpu.txt" &
     pids+=($!)
 done
+( SAVE_DIR=$SAVE/ldam RESULTS=$RES/cifar100_imb001_ldam_drw METHOD=ldam_drw FROM=best SEEDS=0 \
+      bash scripts/reproduce.sh config/cifar100/cifar100_imb001 0 0.25 > "$SAVE/ldam.log" 2>&1
+  echo "LDAM-DRW IF 100 (stage 1 + 2 stage-2 runs): done at $(elapsed) s" ) >> "$OUT/gpu.txt" &
+pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid" || echo "a table run failed: see its log in the tarball" >> "$OUT/gpu.txt"; done
+pack ldam_drw_imb001 "$RES/cifar100_imb001_ldam_drw" "$SAVE/ldam.log" || true
 
 zoo() {  # IMB: stage-1 model_best and last epoch, and the H2T stage 2 (rho 0.25, seed 0, from model_best)
     local run1 run2 w=$RES/cifar100_imb$1/weights
