@@ -22,7 +22,7 @@ from PIL import Image
 
 from utils import distributed
 from utils.errors import UserError
-from .loaders import TorchLoader, epoch_indices, global_batch_shards, instance_indices, num_global_batches
+from .loaders import TorchLoader, epoch_indices, eval_batches, global_batch_shards, instance_indices, num_global_batches
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)
@@ -156,14 +156,10 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 
 class EvalBatchSampler(torch.utils.data.Sampler):
-    """The evaluation list in order, each rank its share of every batch; a last batch too small to give
-    every rank an image joins the one before, so all ranks run the same number of batches."""
+    """The evaluation list in order, in `eval_batches`, each rank its share of every batch."""
 
     def __init__(self, num_items, batch_size):
-        bounds = list(range(0, num_items, batch_size)) + [num_items]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] < distributed.world_size():
-            del bounds[-2]
-        self.batches = list(zip(bounds, bounds[1:]))
+        self.batches = eval_batches(num_items, batch_size)
         self.num_items = num_items
 
     def __len__(self):

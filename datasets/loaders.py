@@ -8,7 +8,6 @@
 Both yield batches already on the device: (x, y) for one branch, (x1, y1, x2, y2) for the stage-2
 dual sampler, where branch 1 is class-balanced (it gives the labels) and branch 2 instance-sampled.
 """
-import math
 import random
 
 import numpy as np
@@ -118,21 +117,30 @@ class DeviceTrainLoader:
             yield tuple(batch)
 
 
+def eval_batches(num_items, batch_size):
+    """(start, stop) of each evaluation batch, in order; a last batch too small to give every rank an item
+    joins the one before, so that all ranks run the same number of batches and none gets an empty one."""
+    bounds = list(range(0, num_items, batch_size)) + [num_items]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < distributed.world_size():
+        del bounds[-2]
+    return list(zip(bounds, bounds[1:]))
+
+
 class DeviceEvalLoader:
     """The test set in order, in batches of `batch_size` (each rank its share), normalised on the device."""
 
     def __init__(self, data, targets, batch_size, device, channels_last=True):
         self.images = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).to(device)
         self.targets = torch.as_tensor(targets, dtype=torch.long).to(device)
-        self.batch_size = batch_size
+        self.batches = eval_batches(len(self.targets), batch_size)
         self.normalize = Normalize(device, channels_last)
 
     def __len__(self):
-        return math.ceil(len(self.targets) / self.batch_size)
+        return len(self.batches)
 
     def __iter__(self):
-        for start in range(0, len(self.targets), self.batch_size):
-            s = distributed.shard(start, min(start + self.batch_size, len(self.targets)))
+        for start, stop in self.batches:
+            s = distributed.shard(start, stop)
             yield self.normalize(self.images[s]), self.targets[s]
 
 

@@ -156,13 +156,17 @@ def test_balanced_and_dual_sampling_draws(monkeypatch):
 
 def test_every_rank_gets_images_in_every_evaluation_batch(monkeypatch):
     from datasets.image_list import EvalBatchSampler
+    from datasets.loaders import DeviceEvalLoader
     from utils import distributed
     monkeypatch.setattr(distributed, 'world_size', lambda: 2)
-    shares = {}
+    shares, cifar_shares = {}, {}
+    images = torch.zeros(9, 32, 32, 3, dtype=torch.uint8).numpy()
     for rank in (0, 1):
         monkeypatch.setattr(distributed, 'rank', lambda: rank)
         shares[rank] = list(EvalBatchSampler(9, 4))  # a last batch of 1 image would leave rank 1 none
+        cifar_shares[rank] = [y.tolist() for _, y in DeviceEvalLoader(images, list(range(9)), 4, 'cpu')]
     assert shares[0] == [[0, 2], [4, 6, 8]] and shares[1] == [[1, 3], [5, 7]]
+    assert cifar_shares == shares  # the CIFAR loader on the device splits the test set the same way
 
 
 def test_split_means_leave_out_classes_without_evaluation_images():
