@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from utils.checkpoint import state_dict_differences
 from utils.errors import UserError
 
 STAGES = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')
@@ -95,12 +96,10 @@ def load_pretrained(backbone, path):
     drop = ('fc.',) + tuple(getattr(backbone, 'discarded', ()))
     state = {k.removeprefix('module.'): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(drop)}
-    own = backbone.state_dict()
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith(tuple(getattr(backbone, 'new_modules', ()))))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected, mismatched = state_dict_differences(backbone.state_dict(), state)
+    missing = [k for k in missing if not k.startswith(tuple(getattr(backbone, 'new_modules', ())))]
     if missing or unexpected or mismatched:
-        first = (missing or unexpected or mismatched)[0]
+        first = (missing + unexpected + [k for k, _, _ in mismatched])[0]
         raise UserError(f'pretrained weights {path} do not fit this backbone ({len(missing)} missing, '
                         f'{len(unexpected)} unexpected, {len(mismatched)} of another shape, e.g. {first!r}); '
                         f'pick the matching backbone')

@@ -44,15 +44,22 @@ def load_checkpoint(path, what='checkpoint'):
     return ckpt
 
 
+def state_dict_differences(own, state_dict):
+    """What keeps `state_dict` from loading into a module whose state_dict is `own`: the missing keys, the
+    unexpected keys, and (key, shape there, shape here) for each tensor of another shape."""
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    return missing, unexpected, wrong
+
+
 def load_weights(module, state_dict, path, part, cfg):
     """load_state_dict with a one-line error when the checkpoint was trained for another config."""
     own = module.state_dict()
     # a stage-1 classifier has no LearnableWeightScaling: stage 2 starts it at 1, the identity
     state_dict = {**{k: v for k, v in own.items() if k.startswith('lws.')}, **state_dict}
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
-             if k in state_dict and state_dict[k].shape != v.shape]
+    missing, unexpected, wrong = state_dict_differences(own, state_dict)
     if missing or unexpected or wrong:
         if wrong:
             k, theirs, ours = wrong[0]
