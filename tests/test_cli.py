@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 STAGE1 = 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml'
 STAGE2 = 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'
@@ -100,6 +100,28 @@ def test_model_zoo_weights_reproduce_the_checkpoints_figures(pipeline, tmp_path)
     ours = json.load(open(out.with_name('stage2.eval.json')))
     original = json.load(open(f"{pipeline['run2']}/ckps/model_best.eval.json"))
     assert {k: ours[k] for k in ('top1', 'per_class_acc', 'ece')} == {k: original[k] for k in ('top1', 'per_class_acc', 'ece')}
+
+
+ZOO = sorted(glob.glob(os.path.join(ROOT, 'results', '*', 'weights', '*.pth.tar')))
+
+
+@pytest.mark.parametrize('path', ZOO, ids=[os.path.basename(p) for p in ZOO])
+def test_committed_model_zoo_loads_into_the_model_of_its_config(path):
+    """Each committed weights file fits the model its config builds, and its eval.json is of that file."""
+    import re
+    from models import build_model
+    from utils.checkpoint import load_checkpoint, load_weights
+    from utils.config import load_config
+    table = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    stage = re.sub(r'(_rho[0-9.]+)?_(best|last)\.pth\.tar$', '', os.path.basename(path))
+    cfg_file = os.path.join(ROOT, 'config', table.split('_')[0], f'{table}_{stage}.yaml')
+    cfg = load_config(cfg_file)
+    backbone, classifier = build_model(cfg)
+    ckpt = load_checkpoint(path)
+    load_weights(backbone, ckpt['state_dict_model'], path, 'backbone', cfg)
+    load_weights(classifier, ckpt['state_dict_classifier'], path, 'classifier', cfg)
+    evaluated = json.load(open(path.replace('.pth.tar', '.eval.json')))
+    assert evaluated['checkpoint_epoch'] == ckpt['epoch'] and os.path.getsize(path) < 2e6
 
 
 def test_cifar100_runs(cifar100_root, tmp_path):
