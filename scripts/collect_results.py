@@ -17,12 +17,15 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
 import torch
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from utils.runtime import hardware_name  # noqa: E402
 
 
 def git_commit():
@@ -36,14 +39,9 @@ def git_commit():
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {'cpu': cpu, 'cores': os.cpu_count(), 'gpu': gpu, 'torch': torch.__version__, 'python': platform.python_version()}
+    """Where the results were collected; each run's summary names the hardware it ran on."""
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return {'hardware': hardware_name(device), 'torch': torch.__version__, 'python': platform.python_version()}
 
 
 def load_run(run_dir):

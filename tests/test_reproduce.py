@@ -27,8 +27,9 @@ def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
     assert all(0 <= float(r['best_top1']) <= 100 for r in rows)
     configs = [run['config'] for run in json.load(open(out / 'metrics.json'))['runs'][1:]]
     assert all('current.pth.tar' in c for c in configs) and sum('seed: 1' in c for c in configs) == 2
-    meta = json.load(open(out / 'metrics.json'))['meta']
-    assert meta['commit'] and meta['machine']['cores'] >= 1
+    metrics = json.load(open(out / 'metrics.json'))
+    assert metrics['meta']['commit'] and metrics['meta']['machine']['hardware']
+    assert all(run['hardware'].endswith('cores)') and run['torch'] for run in metrics['runs'])  # ran on CPU
     assert len(list(csv.reader(open(out / 'per_class.csv')))) == 1 + 2 * 5
     stats = {(s['from'], s['rho']): s for s in csv.DictReader(open(out / 'seeds.csv'))}
     assert stats['last', '0.5']['seeds'] == '0 1'

@@ -15,7 +15,7 @@ from .checkpoint import save_checkpoint
 from .errors import UserError
 from . import distributed
 from .metrics import add_sums, finalize, metric_sums
-from .runtime import autocast
+from .runtime import autocast, hardware_name
 
 
 # -- learning rate ---------------------------------------------------------------------------------
@@ -274,7 +274,8 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
         logger.info(f'weights identical on all {ranks} ranks')
     wall = sum(h['time_train_s'] + h['time_eval_s'] for h in history)
     summary = {'name': name, 'stage': stage, 'dataset': cfg.dataset, 'imb_factor': data.imb_factor,
-               'H2T': cfg.H2T, 'precision': precision, 'device': str(device), 'world_size': ranks,
+               'H2T': cfg.H2T, 'precision': precision, 'device': str(device), 'hardware': hardware_name(device),
+               'torch': torch.__version__, 'world_size': ranks,
                'epochs': cfg.num_epochs, 'wall_time_s': round(wall, 1), 'best_epoch': best_epoch, 'best': best,
                'last': test, 'history': history}
     with open(os.path.join(run_dir, 'summary.json'), 'w') as f:

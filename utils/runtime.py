@@ -29,6 +29,20 @@ def select_device(cfg):
     return device
 
 
+def hardware_name(device):
+    """What ran the computation: the GPU's name for CUDA, else the CPU's model name and core count."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    cpu = ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        import platform
+        cpu = platform.processor() or platform.machine()
+    return f'{cpu} ({os.cpu_count()} cores)'
+
+
 def cpu_has_bf16():
     return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
 
