@@ -5,7 +5,6 @@ numpy's global generators, which the scripts seed, so a run is reproducible.
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def mixup_data(x, y, alpha=1.0):
@@ -42,8 +41,3 @@ def H2T(x1, x2, rho=0.25):
     fused = x1.clone()
     fused[:, channels] = x2[:, channels]
     return fused
-
-
-def cross_entropy(logits, target):
-    """CE computed in fp32 whatever the autocast dtype of the logits."""
-    return F.cross_entropy(logits.float(), target)

@@ -21,8 +21,8 @@ def main(argv=None):
                       f'{counts}, {cfg.backbone} on {s.device} ({s.precision}) x '
                       f'{distributed.world_size()} process(es), run folder {s.run.dir}')
     backbone, classifier = distributed.wrap(s.backbone, s.device), distributed.wrap(s.classifier, s.device)
-    fit(backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage1', s.resume_state,
-        s.criterion)
+    fit(backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage1', s.criterion,
+        s.resume_state)
 
 
 if __name__ == '__main__':

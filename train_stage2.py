@@ -22,7 +22,7 @@ def main(argv=None):
                       f'{distributed.world_size()} process(es), run folder {s.run.dir}')
     classifier = distributed.wrap(s.classifier, s.device)
     fit(s.backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage2',
-        s.resume_state, s.criterion)
+        s.criterion, s.resume_state)
 
 
 if __name__ == '__main__':

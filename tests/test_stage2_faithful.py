@@ -8,11 +8,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch.nn.functional import cross_entropy
 
 import train_stage1
 import train_stage2
 from conftest import ROOT, run_script
-from methods import cross_entropy
 from models import Classifier, resnet32_fe
 from test_sturdy import STAGE1, STAGE2, args, only_run
 from test_training import DualBatches, stage2_cfg
@@ -77,7 +77,7 @@ def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion()
     cfg.mixup = True
     np.random.seed(3)
     torch.manual_seed(3)
-    loss, _, y = stage2_loss(backbone, classifier, (x1, y1, x2, y2), cfg, CPU, 'fp32')
+    loss, _, y = stage2_loss(backbone, classifier, (x1, y1, x2, y2), cfg, CPU, 'fp32', cross_entropy)
     np.random.seed(3)
     torch.manual_seed(3)
     lam = np.random.beta(1.0, 1.0)
@@ -94,7 +94,7 @@ def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion()
     cfg.mixup = False
     np.random.seed(3)
     torch.manual_seed(3)
-    plain, _, _ = stage2_loss(backbone, classifier, (x1, y1, x2, y2), cfg, CPU, 'fp32')
+    plain, _, _ = stage2_loss(backbone, classifier, (x1, y1, x2, y2), cfg, CPU, 'fp32', cross_entropy)
     assert abs(plain.item() - loss.item()) > 1e-3
 
 

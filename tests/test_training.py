@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.nn.functional import cross_entropy
 
-from methods import cross_entropy
 from models import Classifier, resnet32_fe
 from utils.config import get_default_config
 from utils.engine import learning_rate, make_optimizer, stage2_loss, train_one_epoch, train_step
@@ -64,7 +64,7 @@ def run_stage2(shift_bn):
     fc_before = classifier.fc.weight.clone()
     optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     train_one_epoch(backbone, classifier, DualBatches(), optimizer, stage2_cfg(shift_bn), CPU, 'fp32', 0,
-                    logging.getLogger('test'), 'stage2')
+                    logging.getLogger('test'), 'stage2', cross_entropy)
     after = backbone.state_dict()
     return before, after, fc_before, classifier.fc.weight
 
@@ -90,7 +90,7 @@ def test_stage2_labels_come_from_the_fused_branch(shift_bn):
     torch.manual_seed(0)
     backbone, classifier = resnet32_fe().train(shift_bn), Classifier(64, 10)
     x1, y1, x2, y2 = DualBatches(steps=1).batches[0]
-    loss, _, y = stage2_loss(backbone, classifier, (x1, y1, x2, y2), stage2_cfg(shift_bn, rho=0.0), CPU, 'fp32')
+    loss, _, y = stage2_loss(backbone, classifier, (x1, y1, x2, y2), stage2_cfg(shift_bn, rho=0.0), CPU, 'fp32', cross_entropy)
     assert torch.equal(y, y1)
     with torch.no_grad():
         expected = cross_entropy(classifier(backbone(x1)), y1)
@@ -127,7 +127,7 @@ def test_compiled_stage1_step_matches_eager():
         optimizer = make_optimizer(backbone, classifier, cfg, 'stage1')
         torch.manual_seed(1)  # the same mixup lam and permutation
         np.random.seed(1)
-        losses = [train_step(backbone, classifier, (x, y), optimizer, cfg, CPU, 'fp32', 'stage1')[:2]
+        losses = [train_step(backbone, classifier, (x, y), optimizer, cfg, CPU, 'fp32', 'stage1', cross_entropy)[:2]
                   for _ in range(2)]  # the second step reuses the compiled graph, with momentum
         results[name] = (losses, backbone.state_dict(), classifier.state_dict())
     (steps_e, bb_e, cl_e), (steps_c, bb_c, cl_c) = results['eager'], results['compiled']

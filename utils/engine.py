@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from methods import H2T, cross_entropy, mixup_criterion, mixup_data
+from methods import H2T, mixup_criterion, mixup_data
 from .checkpoint import save_checkpoint
 from .errors import UserError
 from . import distributed
@@ -51,8 +51,8 @@ def classification_loss(criterion, out, y, mix):
     return mixup_criterion(criterion, out, *mix)
 
 
-def stage1_loss(backbone, classifier, batch, cfg, device, precision, criterion=cross_entropy):
-    """The criterion (loss.py; CE by default) on the batch, with mixup (one lam per batch) when cfg.mixup is set."""
+def stage1_loss(backbone, classifier, batch, cfg, device, precision, criterion):
+    """The criterion (loss.py, chosen by loss.type) on the batch, with mixup (one lam per batch) when cfg.mixup is set."""
     x, y = batch
     x, mix = mix_inputs(x, y, cfg)
     with autocast(device, precision):
@@ -60,7 +60,7 @@ def stage1_loss(backbone, classifier, batch, cfg, device, precision, criterion=c
     return classification_loss(criterion, out, y, mix), out, y
 
 
-def stage2_loss(backbone, classifier, batch, cfg, device, precision, criterion=cross_entropy):
+def stage2_loss(backbone, classifier, batch, cfg, device, precision, criterion):
     """Frozen backbone; H2T fuses the instance branch's channels into the balanced branch's map.
 
     As in the authors' loop: mixup (cfg.mixup) mixes the balanced images only, before the backbone;
@@ -101,7 +101,7 @@ def make_optimizer(backbone, classifier, cfg, stage):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage, criterion=cross_entropy):
+def train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage, criterion):
     """One optimisation step of the stage's loss; returns (loss, logits, labels)."""
     step_fn = stage1_loss if stage == 'stage1' else stage2_loss
     loss, out, y = step_fn(backbone, classifier, batch, cfg, device, precision, criterion)
@@ -119,7 +119,7 @@ def set_train_mode(backbone, classifier, cfg, stage):
 
 
 def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precision, epoch, logger, stage,
-                    criterion=cross_entropy):
+                    criterion):
     """One pass over `loader`; returns {'train_loss', 'train_acc'} summed over all ranks.
 
     Host syncs only every print_freq steps. A NaN/inf loss raises a UserError naming the first bad
@@ -207,8 +207,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, stage, resume_state=None,
-        criterion=cross_entropy):
+def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, stage, criterion, resume_state=None):
     """Train for cfg.num_epochs, evaluate after each epoch, keep current/model_best checkpoints,
     log to the run folder and TensorBoard, and write summary.json with the best and last epochs.
 
