@@ -4,6 +4,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import platform
 import random
 import sys
 import time
@@ -38,7 +39,6 @@ def hardware_name(device):
         with open('/proc/cpuinfo') as f:
             cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
     except (OSError, StopIteration):
-        import platform
         cpu = platform.processor() or platform.machine()
     return f'{cpu} ({os.cpu_count()} cores)'
 
