@@ -234,8 +234,7 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
-        if hasattr(criterion, 'before_epoch'):
-            criterion.before_epoch(epoch)  # DRW switches its class weights on here
+        criterion.before_epoch(epoch)  # DRW switches its class weights on here
         t0 = time.time()
         train = train_one_epoch(backbone, classifier, train_loader, optimizer, cfg, device, precision, epoch,
                                 logger, stage, criterion)
