@@ -1,6 +1,13 @@
 """Gather the runs of one reproduction into small committed files, and draw the plots.
 
     python scripts/collect_results.py --out results/cifar10_imb001 saved/<stage1 run> saved/<stage2 run> ...
+    python scripts/collect_results.py --out results/cifar100_imb001 results/cifar100_imb001/metrics.json saved/<new run> ...
+
+Each input is a run folder or a metrics.json written here before (its runs are taken as they are, so
+runs whose folders are gone can be collected again with new ones; a folder replaces the entry of the
+same run folder). Every run keeps the commit it was made with (`commit`: --commit or the checkout's
+HEAD for run folders, the file's own for runs from a metrics.json). A stage-1 run is optional: stage 2
+started from the model-zoo weights has none, and the plots that need one are then left out.
 
 Writes metrics.json (every run: best and last epoch, config, wall time, per-epoch history),
 metrics.csv, per_class.csv, history.csv (each run's epochs: lr, train_loss, train_acc, test_loss,
@@ -44,6 +51,16 @@ def machine():
     return {'hardware': hardware_name(device), 'torch': torch.__version__, 'python': platform.python_version()}
 
 
+def start_of(checkpoint):
+    """Which stage-1 checkpoint a stage-2 run started from: best (model_best, or the zoo's *_best) or last."""
+    name = os.path.basename(checkpoint or '')
+    if name == 'model_best.pth.tar' or name.endswith('_best.pth.tar'):
+        return 'best'
+    if name == 'current.pth.tar' or name.endswith('_last.pth.tar'):
+        return 'last'
+    return name
+
+
 def load_run(run_dir):
     with open(os.path.join(run_dir, 'summary.json')) as f:
         summary = json.load(f)
@@ -55,11 +72,30 @@ def load_run(run_dir):
         summary['config'] = f.read()
     cfg = yaml.safe_load(summary['config'])
     summary['seed'] = cfg.get('seed', 0)
-    resume = os.path.basename(cfg.get('resume') or '')
-    summary['from'] = {'model_best.pth.tar': 'best', 'current.pth.tar': 'last'}.get(resume, resume) \
-        if summary['stage'] == 'stage2' else ''
+    summary['from'] = start_of(cfg.get('resume')) if summary['stage'] == 'stage2' else ''
     summary['run_dir'] = run_dir
     return summary
+
+
+def load_inputs(paths, commit):
+    """Runs of run folders and earlier metrics.json files, one entry per run folder, in the order given."""
+    runs = {}
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path) as f:
+                collected = json.load(f)
+            for run in collected['runs']:
+                run.setdefault('commit', collected['meta']['commit'])
+                runs[run['run_dir']] = run
+        elif os.path.isfile(os.path.join(path, 'summary.json')):
+            run = load_run(path)
+            run['commit'] = commit
+            runs.pop(run['run_dir'], None)
+            runs[run['run_dir']] = run
+        else:
+            sys.exit(f'error: {path} is neither a run folder (with summary.json) nor a metrics.json; '
+                     f'give saved/<run> folders or a metrics.json written by this script')
+    return list(runs.values())
 
 
 # The H2T paper's rho ablation (CIFAR-100-LT IF=100, all classes, best epoch)
@@ -98,21 +134,25 @@ def plot(runs, out):
     except ImportError:
         print('matplotlib not installed: no plots (pip install matplotlib)')
         return
-    stage1 = next(r for r in runs if r['stage'] == 'stage1')
+    stage1 = next((r for r in runs if r['stage'] == 'stage1'), None)
     stage2 = sorted((r for r in runs if r['stage'] == 'stage2'), key=lambda r: r['H2T'])
     # the shipped H2T setting (rho 0.25) where it was run, else the smallest rho that fuses anything
     fusing = [r for r in stage2 if r['H2T'] > 0]
     h2t = next((r for r in fusing if r['H2T'] == 0.25), fusing[0] if fusing else None)
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    classes = range(len(stage1['best']['per_class_acc']))
-    ax.bar([c - 0.2 for c in classes], stage1['best']['per_class_acc'], 0.4, label='stage 1 (CE + mixup)')
-    if h2t:
-        ax.bar([c + 0.2 for c in classes], h2t['best']['per_class_acc'], 0.4, label=f"stage 2, H2T rho={h2t['H2T']}")
-    ax.set(xlabel='class (0 = most frequent)', ylabel='test accuracy (%)', title='Per-class accuracy')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, 'per_class.png'), dpi=120)
+    if stage1:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        classes = range(len(stage1['best']['per_class_acc']))
+        ax.bar([c - 0.2 for c in classes], stage1['best']['per_class_acc'], 0.4, label='stage 1 (CE + mixup)')
+        if h2t:
+            ax.bar([c + 0.2 for c in classes], h2t['best']['per_class_acc'], 0.4,
+                   label=f"stage 2, H2T rho={h2t['H2T']}")
+        ax.set(xlabel='class (0 = most frequent)', ylabel='test accuracy (%)', title='Per-class accuracy')
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, 'per_class.png'), dpi=120)
+    else:
+        print('no stage-1 run among the inputs: no per_class.png')
 
     by_rho = {}
     for r in stage2:
@@ -124,13 +164,19 @@ def plot(runs, out):
         for key, label in (('top1', 'all'), ('many', 'many'), ('medium', 'medium'), ('few', 'few')):
             means = [sum(r['best'][key] for r in by_rho[rho]) / len(by_rho[rho]) for rho in rhos]
             line, = ax.plot(rhos, means, 'o-', label=f'{label} (here)')
-            paper = PAPER_RHO.get((stage1['dataset'], stage1['imb_factor']), {}).get(key)
+            paper = PAPER_RHO.get((stage2[0]['dataset'], stage2[0]['imb_factor']), {}).get(key)
             if paper:
                 ax.plot(list(paper), list(paper.values()), 's--', color=line.get_color(), mfc='none',
                         label=f'{label} (paper)')
-        seeds = max(len(v) for v in by_rho.values())
+        counts = {rho: len(by_rho[rho]) for rho in rhos}
+        if len(set(counts.values())) == 1:
+            n = counts[rhos[0]]
+            seeds = f', mean of {n} seeds)' if n > 1 else ')'
+        else:  # a sweep of single runs beside rhos run with several seeds
+            several = ', '.join(f'{rho:g}' for rho in rhos if counts[rho] > 1)
+            seeds = f',\nmean of {max(counts.values())} seeds at rho {several}, one run elsewhere)'
         ax.set(xlabel='rho (fraction of fused channels)', ylabel='test accuracy (%)',
-               title='Accuracy vs rho (best epoch' + (f', mean of {seeds} seeds)' if seeds > 1 else ')'))
+               title='Accuracy vs rho (best epoch' + seeds)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, 'rho.png'), dpi=120)
@@ -149,6 +195,8 @@ def plot(runs, out):
     fig.savefig(os.path.join(out, 'curves.png'), dpi=120)
 
     target = h2t or stage1
+    if target is None:
+        return
     if 'reliability' not in target['best']:
         print(f"{target['run_dir']} predates per-bin reliability in summary.json: no reliability plot")
         return
@@ -171,22 +219,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', required=True)
     parser.add_argument('--commit', help='the commit the runs were made with (default: the checkout\'s HEAD)')
-    parser.add_argument('runs', nargs='+', help='run folders (saved/<name>_<time>)')
+    parser.add_argument('runs', nargs='+', help='run folders (saved/<name>_<time>) and/or earlier metrics.json files')
     args = parser.parse_args()
-    runs = [load_run(r) for r in args.runs]
+    head = git_commit()
+    runs = load_inputs(args.runs, args.commit or head)
     os.makedirs(args.out, exist_ok=True)
-    meta = {'commit': args.commit or git_commit(), 'machine': machine(), 'collected': time.strftime('%Y-%m-%d %H:%M')}
+    commits = list(dict.fromkeys(r['commit'] for r in runs))
+    meta = {'commit': commits[0] if len(commits) == 1 else 'per run (runs[i].commit)', 'collected_at': head,
+            'machine': machine(), 'collected': time.strftime('%Y-%m-%d %H:%M')}
     with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
         json.dump({'meta': meta, 'runs': runs}, f, indent=1)
     keys = ['top1', 'top5', 'many', 'medium', 'few', 'ece']
     with open(os.path.join(args.out, 'metrics.csv'), 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['run', 'stage', 'rho', 'from', 'seed', 'epochs', 'wall_time_s', 'best_epoch']
-                   + [f'best_{k}' for k in keys] + [f'last_{k}' for k in keys])
+                   + [f'best_{k}' for k in keys] + [f'last_{k}' for k in keys] + ['commit'])
         for r in runs:
             w.writerow([r['name'], r['stage'], r['H2T'] if r['stage'] == 'stage2' else '', r['from'], r['seed'],
                         r['epochs'], r['wall_time_s'], r['best_epoch']]
-                       + [round(r['best'][k], 4) for k in keys] + [round(r['last'][k], 4) for k in keys])
+                       + [round(r['best'][k], 4) for k in keys] + [round(r['last'][k], 4) for k in keys] + [r['commit']])
     stats = seed_statistics(runs)
     if stats:
         columns = list(dict.fromkeys(k for row in stats for k in row))

@@ -3,7 +3,8 @@
 #   imb0005, imb002  stage 1 (CE + mixup, 200 epochs), then stage 2 rho 0 / 0.25, seeds 0 1 2, from
 #                    model_best and from the last epoch (12 runs each)
 #   ldam             LDAM-DRW IF 100: its own stage 1, then stage 2 rho 0 / 0.25 (seed 0, from model_best)
-#   imb001           IF 100 from the committed stage-1 zoo weights (the CPU run): seeds 1 2 x best/last x
+#   imb001           (not run unless PARTS names it: the CPU has run it all, so on a GPU it is a cross-check)
+#                    IF 100 from the committed stage-1 zoo weights (the CPU run): seeds 1 2 x best/last x
 #                    rho 0 / 0.25, then MiSLAS / MiSLAS + H2T (seeds 0 1 2), then the rho sweep; its rho 0.01
 #                    fuses no channel (int(0.01 * 64) = 0) but sends the instance batch through the
 #                    backbone (BN statistics, shift_bn True): what H2T changes besides the fusion
@@ -37,7 +38,7 @@ OUT=${OUT:-gpu_table_out}
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-data/cifar100}
 DEADLINE_S=${DEADLINE_S:-530}
-PARTS=${PARTS:-imb0005 imb002 ldam imb001}
+PARTS=${PARTS:-imb0005 imb002 ldam}  # imb001 only when asked: the CPU has run all of it
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 log() { echo "[$(elapsed) s] $*" >> "$OUT/gpu.txt"; }
@@ -82,26 +83,25 @@ part() {  # NAME: the runs of one part, each reproduce.sh into $SAVE/NAME (its l
         ldam)
             SAVE_DIR=$save RESULTS=$save/results JOBS=2 METHOD=ldam_drw FROM=best SEEDS=0 \
                 bash scripts/reproduce.sh "${table}001" 0 0.25 ;;
-        imb001)  # the CPU stage-1 run's zoo weights stand in for its ckps/ (results/ is collected here)
-            local s1=$save/cifar100_imb001_stage1_zoo/ckps w=results/cifar100_imb001/weights
-            mkdir -p "$s1"
-            cp "$w/stage1_ce_mixup_best.pth.tar" "$s1/model_best.pth.tar"
-            cp "$w/stage1_ce_mixup_last.pth.tar" "$s1/current.pth.tar"
-            export STAGE1_CKPT=$s1/model_best.pth.tar SAVE_DIR=$save RESULTS=$save/results JOBS=3
-            # collect_results refuses the zoo folder (no stage-1 history), so `|| true`: the runs are what counts
-            FROM="best last" SEEDS=${IF100_SEEDS:-1 2} bash scripts/reproduce.sh "${table}001" 0 0.25 || true
+        imb001)  # from the CPU stage-1 run's committed zoo weights
+            local w=results/cifar100_imb001/weights
+            export STAGE1_CKPT=$w/stage1_ce_mixup_best.pth.tar STAGE1_LAST=$w/stage1_ce_mixup_last.pth.tar \
+                SAVE_DIR=$save JOBS=3
+            RESULTS=$save/results_seeds FROM="best last" SEEDS=${IF100_SEEDS:-1 2} \
+                bash scripts/reproduce.sh "${table}001" 0 0.25
             log "imb001: seeds done"
-            METHOD=mislas FROM=best SEEDS=${SEEDS:-0 1 2} bash scripts/reproduce.sh "${table}001" 0 0.25 || true
+            RESULTS=$save/results_mislas METHOD=mislas FROM=best SEEDS=${SEEDS:-0 1 2} \
+                bash scripts/reproduce.sh "${table}001" 0 0.25
             log "imb001: MiSLAS done"
-            FROM=best SEEDS=0 bash scripts/reproduce.sh "${table}001" ${SWEEP_RHOS:-0.1 0.2 0.3 0.5 0.75 1.0 0.01} || true ;;
+            RESULTS=$save/results_sweep FROM=best SEEDS=0 \
+                bash scripts/reproduce.sh "${table}001" ${SWEEP_RHOS:-0.1 0.2 0.3 0.5 0.75 1.0 0.01} ;;
     esac
 }
 
 pack() {  # NAME: its run folders and logs, stage-2 weights only for H2T seed 0 from model_best
     local dir=$SAVE/$1 list=/tmp/pack_$1.txt
     (cd "$dir" && find . -type f \
-        ! \( -path '*_stage2_*/ckps/*.pth.tar' ! -path '*_stage2_*_rho0.25_2*/ckps/model_best.pth.tar' \) \
-        ! -path './cifar100_imb001_stage1_zoo/*') > "$list"
+        ! \( -path '*_stage2_*/ckps/*.pth.tar' ! -path '*_stage2_*_rho0.25_2*/ckps/model_best.pth.tar' \)) > "$list"
     tar czf "$OUT/$1.tar.gz.tmp" -C "$dir" -T "$list" && mv "$OUT/$1.tar.gz.tmp" "$OUT/$1.tar.gz"
 }
 

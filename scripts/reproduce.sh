@@ -8,10 +8,13 @@
 # METHOD=mislas: ..._stage1_ce_mixup.yaml and ..._stage2_mislas_H2T.yaml (rho 0 is MiSLAS itself);
 # METHOD=ldam_drw: ..._stage1_ldam_drw.yaml and ..._stage2_ldam_drw_H2T.yaml. Environment:
 #   STAGE1_OVERRIDES / STAGE2_OVERRIDES  extra `KEY VALUE` pairs (e.g. "num_epochs 2")
-#   STAGE1_CKPT                          skip stage 1 and start stage 2 from this checkpoint
+#   STAGE1_CKPT                          skip stage 1 and start stage 2 from this checkpoint (a run's
+#                                        ckps/model_best.pth.tar, or model-zoo weights under results/)
+#   STAGE1_LAST                          with STAGE1_CKPT: the last-epoch checkpoint for FROM=last
+#                                        (default: ckps/current.pth.tar beside STAGE1_CKPT)
 #   FROM                                 which stage-1 checkpoints stage 2 starts from: best (model_best,
 #                                        the authors' protocol, or STAGE1_CKPT) and/or last (the last
-#                                        epoch: ckps/current.pth.tar of the stage-1 run); default best
+#                                        epoch); default best
 #   SEEDS                                stage-2 seeds, each a run per rho (default 0)
 #   JOBS                                 stage-2 runs at a time (default 1); each parallel run logs to
 #                                        $SAVE_DIR/<run name>.log. On a GPU several share it well; on
@@ -45,11 +48,17 @@ mkdir -p "$save"
 newest_run() { ls -dt "$save/$1"_[0-9]*/ 2>/dev/null | head -1 | sed "s:/$::"; }  # NAME_<YYYYmmddHHMM>, not NAME_seed1_...
 
 if [ -n "${STAGE1_CKPT:-}" ]; then
+    [ -f "$STAGE1_CKPT" ] || { echo "error: STAGE1_CKPT $STAGE1_CKPT not found; give a stage-1 checkpoint file" >&2; exit 2; }
     run1=$(dirname "$(dirname "$STAGE1_CKPT")")
+    last=${STAGE1_LAST:-$(dirname "$STAGE1_CKPT")/current.pth.tar}
 else
     echo "== stage 1: $cfg1"
     "$py" train_stage1.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-}
     run1=$(newest_run "${name}_${stage1}")
+    last=$run1/ckps/current.pth.tar
+fi
+if [[ " ${FROM:-best} " == *" last "* ]] && [ ! -f "$last" ]; then
+    echo "error: FROM=last needs the last stage-1 epoch, $last not found; set STAGE1_LAST or use FROM=best" >&2; exit 2
 fi
 
 stage2_run() {  # CKPT RHO SEED RUN_NAME: train, then evaluate its model_best
@@ -61,7 +70,7 @@ names=(); pids=()
 for from in ${FROM:-best}; do
     case $from in
         best) ckpt=${STAGE1_CKPT:-$run1/ckps/model_best.pth.tar}; tag='' ;;
-        last) ckpt=$run1/ckps/current.pth.tar; tag=_fromlast ;;
+        last) ckpt=$last; tag=_fromlast ;;
     esac
     "$py" eval.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} resume "$ckpt"
     for seed in ${SEEDS:-0}; do
@@ -84,6 +93,7 @@ for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || { echo "error: stage-2 run ${names[$i]} failed; see $save/${names[$i]}.log" >&2; failed=1; }
 done
 [ $failed = 0 ] || exit 1
-runs=("$run1")
+runs=()
+[ ! -f "$run1/summary.json" ] || runs+=("$run1")  # model-zoo weights have no stage-1 run to collect
 for n in "${names[@]}"; do runs+=("$(newest_run "$n")"); done
 "$py" scripts/collect_results.py --out "$results" "${runs[@]}"

@@ -3,11 +3,15 @@ write, and the one-line errors they give on bad input."""
 import glob
 import json
 import os
+import re
 
 import pytest
 import torch
 
 from conftest import ROOT, run_script
+from models import build_model
+from utils.checkpoint import load_checkpoint, load_weights
+from utils.config import load_config
 
 STAGE1 = 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml'
 STAGE2 = 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'
@@ -108,10 +112,6 @@ ZOO = sorted(glob.glob(os.path.join(ROOT, 'results', '*', 'weights', '*.pth.tar'
 @pytest.mark.parametrize('path', ZOO, ids=[os.path.basename(p) for p in ZOO])
 def test_committed_model_zoo_loads_into_the_model_of_its_config(path):
     """Each committed weights file fits the model its config builds, and its eval.json is of that file."""
-    import re
-    from models import build_model
-    from utils.checkpoint import load_checkpoint, load_weights
-    from utils.config import load_config
     table = os.path.basename(os.path.dirname(os.path.dirname(path)))
     stage = re.sub(r'(_rho[0-9.]+)?_(best|last)\.pth\.tar$', '', os.path.basename(path))
     cfg_file = os.path.join(ROOT, 'config', table.split('_')[0], f'{table}_{stage}.yaml')

@@ -3,6 +3,7 @@ LDAM-DRW, each config loading and each method running end to end through scripts
 import csv
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,10 +39,16 @@ def test_every_method_config_is_shipped_and_loads():
     assert (ldam.loss.LDAM.reweight_epoch, ldam.lr_scheduler.gamma, ldam.mixup) == (159, 0.01, False)
 
 
-def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, tmp_path):
-    s1 = tmp_path / 's1'
-    train_stage1.main(args(STAGE1, cifar10_root, s1, 'num_epochs', '1'))
-    ckpt = f'{only_run(s1)}/ckps/model_best.pth.tar'
+@pytest.fixture(scope='module')
+def stage1_checkpoint(cifar10_root, tmp_path_factory):
+    """A one-epoch CE + mixup stage 1, as the MiSLAS rows start from."""
+    save = tmp_path_factory.mktemp('s1')
+    train_stage1.main(args(STAGE1, cifar10_root, save, 'num_epochs', '1'))
+    return f'{only_run(save)}/ckps/model_best.pth.tar'
+
+
+def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, stage1_checkpoint, tmp_path):
+    ckpt = stage1_checkpoint
     mislas = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_mislas.yaml')
     lrs = []
     import utils.engine as engine
@@ -69,16 +76,26 @@ def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, tmp_
 
 
 @pytest.mark.parametrize('method', ['mislas', 'ldam_drw'])
-def test_reproduce_runs_a_method_row(method, cifar10_root, tmp_path):
+def test_reproduce_runs_a_method_row(method, cifar10_root, stage1_checkpoint, tmp_path):
+    """LDAM-DRW trains its own stage 1; the MiSLAS row starts from a given CE + mixup checkpoint
+    (STAGE1_CKPT, as from the model zoo), so its results hold the stage-2 runs only."""
     tiny = f'data_path {cifar10_root} num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
     extra = ' loss.LDAM.reweight_epoch 0' if method == 'ldam_drw' else ''
     env = dict(os.environ, PYTHON=sys.executable, METHOD=method, STAGE1_OVERRIDES=tiny + extra, STAGE2_OVERRIDES=tiny,
                SAVE_DIR=str(tmp_path / 'saved'), RESULTS=str(tmp_path / 'results'))
+    if method == 'mislas':
+        zoo = tmp_path / 'weights' / 'stage1_ce_mixup_best.pth.tar'  # no run folder around it
+        os.makedirs(zoo.parent)
+        shutil.copy(stage1_checkpoint, zoo)
+        env['STAGE1_CKPT'] = str(zoo)
     result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0', '0.25'], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / 'results' / 'metrics.csv')))
-    assert [(r['stage'], r['rho']) for r in rows] == [('stage1', ''), ('stage2', '0.0'), ('stage2', '0.25')]
-    stage1 = 'stage1_ce_mixup' if method == 'mislas' else 'stage1_ldam_drw'
-    assert rows[0]['run'] == f'cifar10_imb001_{stage1}'
-    assert rows[1]['run'] == f'cifar10_imb001_stage2_{method}_rho0'
+    stage2 = [('stage2', '0.0'), ('stage2', '0.25')]
+    if method == 'mislas':
+        assert [(r['stage'], r['rho'], r['from']) for r in rows] == [s + ('best',) for s in stage2]
+    else:
+        assert [(r['stage'], r['rho']) for r in rows] == [('stage1', '')] + stage2
+        assert rows[0]['run'] == 'cifar10_imb001_stage1_ldam_drw'
+    assert rows[-2]['run'] == f'cifar10_imb001_stage2_{method}_rho0'

@@ -67,3 +67,59 @@ def test_reproduce_rejects_an_unknown_prefix(tmp_path):
                             env=dict(os.environ, PYTHON=sys.executable),
                             capture_output=True, text=True)
     assert result.returncode == 2 and 'not found' in result.stderr
+
+
+def load_collect():
+    spec = importlib.util.spec_from_file_location('collect_results', os.path.join(ROOT, 'scripts/collect_results.py'))
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    return collect
+
+
+def fake_run(folder, name, rho, resume, top1):
+    """A stage-2 run folder as train_stage2.py leaves it, as far as collect_results reads it."""
+    os.makedirs(folder)
+    metrics = {'top1': top1, 'top5': 90.0, 'many': top1 + 5, 'medium': top1, 'few': top1 - 5, 'ece': 0.02,
+               'test_loss': 1.0, 'per_class_acc': [top1] * 10}
+    summary = {'name': name, 'stage': 'stage2', 'dataset': 'cifar10', 'imb_factor': 0.01, 'H2T': rho, 'epochs': 1,
+               'wall_time_s': 1.0, 'best_epoch': 1, 'best': metrics, 'last': metrics,
+               'history': [dict(metrics, epoch=1, lr=0.1, train_loss=1.5)]}
+    with open(os.path.join(folder, 'summary.json'), 'w') as f:
+        json.dump(summary, f)
+    with open(os.path.join(folder, 'config.yaml'), 'w') as f:
+        f.write(f'H2T: {rho}\nresume: {resume}\nseed: 0\n')
+
+
+def test_collect_adds_new_runs_to_an_earlier_metrics_json(tmp_path):
+    """Runs whose folders are gone (committed metrics.json) are collected again beside new ones, each keeping
+    its commit; zoo weights count as best / last; a folder replaces the json's entry for the same run."""
+    fake_run(str(tmp_path / 'old'), 'rho0', 0.0, 'saved/s1/ckps/model_best.pth.tar', 45.0)
+    collect = load_collect()
+    earlier = tmp_path / 'earlier.json'
+    earlier.write_text(json.dumps({'meta': {'commit': 'abc123'}, 'runs': collect.load_inputs([str(tmp_path / 'old')], 'abc123')}))
+    fake_run(str(tmp_path / 'new'), 'rho0.5', 0.5, 'results/x/weights/stage1_ce_mixup_best.pth.tar', 47.0)
+    fake_run(str(tmp_path / 'last'), 'fromlast_rho0', 0.0, 'results/x/weights/stage1_ce_mixup_last.pth.tar', 44.0)
+    runs = collect.load_inputs([str(earlier), str(tmp_path / 'new'), str(tmp_path / 'last')], 'def456')
+    assert [(r['name'], r['from'], r['commit']) for r in runs] == [
+        ('rho0', 'best', 'abc123'), ('rho0.5', 'best', 'def456'), ('fromlast_rho0', 'last', 'def456')]
+    again = collect.load_inputs([str(earlier), str(tmp_path / 'old')], 'def456')
+    assert [(r['name'], r['commit']) for r in again] == [('rho0', 'def456')]
+    result = subprocess.run([sys.executable, 'scripts/collect_results.py', '--out', str(tmp_path / 'out'), '--commit',
+                             'def456', str(earlier), str(tmp_path / 'new')], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr  # no stage-1 run: the plots that need one are left out
+    rows = list(csv.DictReader(open(tmp_path / 'out' / 'metrics.csv')))
+    assert [(r['run'], r['commit']) for r in rows] == [('rho0', 'abc123'), ('rho0.5', 'def456')]
+    stats = {row['rho']: row for row in csv.DictReader(open(tmp_path / 'out' / 'seeds.csv'))}
+    assert float(stats['0.5']['best_gain_mean']) == pytest.approx(2.0)
+    bad = subprocess.run([sys.executable, 'scripts/collect_results.py', '--out', str(tmp_path / 'o2'),
+                          str(tmp_path / 'missing')], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and 'neither a run folder' in bad.stderr and not (tmp_path / 'o2').exists()
+
+
+def test_reproduce_from_last_needs_the_last_epoch(tmp_path):
+    best = tmp_path / 'stage1_ce_mixup_best.pth.tar'
+    best.write_bytes(b'')
+    env = dict(os.environ, PYTHON=sys.executable, STAGE1_CKPT=str(best), FROM='best last', SAVE_DIR=str(tmp_path))
+    result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0'], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and 'STAGE1_LAST' in result.stderr
