@@ -72,7 +72,8 @@ for from in ${FROM:-best}; do
         best) ckpt=${STAGE1_CKPT:-$run1/ckps/model_best.pth.tar}; tag='' ;;
         last) ckpt=$last; tag=_fromlast ;;
     esac
-    "$py" eval.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} resume "$ckpt"
+    # a stage-1 checkpoint evaluated before keeps its record (the zoo's committed eval.json is not rewritten)
+    [ -f "${ckpt%.pth.tar}.eval.json" ] || "$py" eval.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} resume "$ckpt"
     for seed in ${SEEDS:-0}; do
         for rho in "${rhos[@]}"; do
             run_name=${name}_${stage2%_H2T}${tag}_rho${rho}$([ "$seed" = 0 ] || echo "_seed$seed")
