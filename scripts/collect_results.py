@@ -93,8 +93,9 @@ def load_inputs(paths, commit):
             runs.pop(run['run_dir'], None)
             runs[run['run_dir']] = run
         else:
-            sys.exit(f'error: {path} is neither a run folder (with summary.json) nor a metrics.json; '
-                     f'give saved/<run> folders or a metrics.json written by this script')
+            print(f'error: {path} is neither a run folder (with summary.json) nor a metrics.json; '
+                  f'give saved/<run> folders or a metrics.json written by this script', file=sys.stderr)
+            sys.exit(2)
     return list(runs.values())
 
 

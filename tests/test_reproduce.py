@@ -113,7 +113,7 @@ def test_collect_adds_new_runs_to_an_earlier_metrics_json(tmp_path):
     assert float(stats['0.5']['best_gain_mean']) == pytest.approx(2.0)
     bad = subprocess.run([sys.executable, 'scripts/collect_results.py', '--out', str(tmp_path / 'o2'),
                           str(tmp_path / 'missing')], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and 'neither a run folder' in bad.stderr and not (tmp_path / 'o2').exists()
+    assert bad.returncode == 2 and bad.stderr.startswith('error: ') and 'neither a run folder' in bad.stderr and not (tmp_path / 'o2').exists()
 
 
 def test_reproduce_from_last_needs_the_last_epoch(tmp_path):
