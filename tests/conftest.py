@@ -60,6 +60,17 @@ def cifar10_root(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def stage1_checkpoint(cifar10_root, tmp_path_factory):
+    """model_best of a one-epoch CE + mixup stage 1 on the tiny CIFAR-10, which the stage-2 tests start
+    from (read only: tests that need a file beside it copy it)."""
+    import train_stage1
+    from test_sturdy import STAGE1, args, only_run
+    save = tmp_path_factory.mktemp('s1')
+    train_stage1.main(args(STAGE1, cifar10_root, save, 'num_epochs', '1'))
+    return f'{only_run(save)}/ckps/model_best.pth.tar'
+
+
+@pytest.fixture(scope='session')
 def cifar100_root(tmp_path_factory):
     return write_cifar(str(tmp_path_factory.mktemp('cifar100')), 'cifar100', train_per_class=6, test_per_class=2)
 

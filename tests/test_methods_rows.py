@@ -10,10 +10,9 @@ import sys
 import pytest
 import torch
 
-import train_stage1
 import train_stage2
 from conftest import ROOT
-from test_sturdy import STAGE1, args, only_run
+from test_sturdy import args, only_run
 from utils.config import load_config
 
 METHOD_CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config/*/*_mislas*.yaml')) +
@@ -39,16 +38,7 @@ def test_every_method_config_is_shipped_and_loads():
     assert (ldam.loss.LDAM.reweight_epoch, ldam.lr_scheduler.gamma, ldam.mixup) == (159, 0.01, False)
 
 
-@pytest.fixture(scope='module')
-def stage1_checkpoint(cifar10_root, tmp_path_factory):
-    """A one-epoch CE + mixup stage 1, as the MiSLAS rows start from."""
-    save = tmp_path_factory.mktemp('s1')
-    train_stage1.main(args(STAGE1, cifar10_root, save, 'num_epochs', '1'))
-    return f'{only_run(save)}/ckps/model_best.pth.tar'
-
-
 def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, stage1_checkpoint, tmp_path):
-    ckpt = stage1_checkpoint
     mislas = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_mislas.yaml')
     lrs = []
     import utils.engine as engine
@@ -59,7 +49,7 @@ def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, stag
         return real(backbone, classifier, loader, optimizer, *a, **kw)
     engine.train_one_epoch = spy
     try:
-        train_stage2.main(args(mislas, cifar10_root, tmp_path / 's2', 'num_epochs', '2', 'resume', ckpt))
+        train_stage2.main(args(mislas, cifar10_root, tmp_path / 's2', 'num_epochs', '2', 'resume', stage1_checkpoint))
     finally:
         engine.train_one_epoch = real
     # epoch 0: cosine lr 0.1, the classifier at lr_factor 0.5 of it, the scale at all of it (MiSLAS)

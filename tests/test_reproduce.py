@@ -42,10 +42,15 @@ def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
             assert (out / png).stat().st_size > 1000
 
 
-def test_seed_statistics_pair_each_seed_with_its_own_rho0_run():
+def load_collect():
     spec = importlib.util.spec_from_file_location('collect_results', os.path.join(ROOT, 'scripts/collect_results.py'))
     collect = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(collect)
+    return collect
+
+
+def test_seed_statistics_pair_each_seed_with_its_own_rho0_run():
+    collect = load_collect()
     top1 = {('best', 0, 0.0): 45.0, ('best', 1, 0.0): 46.0, ('best', 0, 0.25): 47.5, ('best', 1, 0.25): 47.0,
             ('last', 0, 0.0): 44.0, ('last', 0, 0.25): 44.5}
     runs = [{'stage': 'stage1', 'H2T': 0.0, 'from': '', 'seed': 0, 'best': {'top1': 39.0}, 'last': {'top1': 38.0}}]
@@ -69,13 +74,6 @@ def test_reproduce_rejects_an_unknown_prefix(tmp_path):
     assert result.returncode == 2 and 'not found' in result.stderr
 
 
-def load_collect():
-    spec = importlib.util.spec_from_file_location('collect_results', os.path.join(ROOT, 'scripts/collect_results.py'))
-    collect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect)
-    return collect
-
-
 def fake_run(folder, name, rho, resume, top1):
     """A stage-2 run folder as train_stage2.py leaves it, as far as collect_results reads it."""
     os.makedirs(folder)
@@ -96,7 +94,8 @@ def test_collect_adds_new_runs_to_an_earlier_metrics_json(tmp_path):
     fake_run(str(tmp_path / 'old'), 'rho0', 0.0, 'saved/s1/ckps/model_best.pth.tar', 45.0)
     collect = load_collect()
     earlier = tmp_path / 'earlier.json'
-    earlier.write_text(json.dumps({'meta': {'commit': 'abc123'}, 'runs': collect.load_inputs([str(tmp_path / 'old')], 'abc123')}))
+    old_runs = collect.load_inputs([str(tmp_path / 'old')], 'abc123')
+    earlier.write_text(json.dumps({'meta': {'commit': 'abc123'}, 'runs': old_runs}))
     fake_run(str(tmp_path / 'new'), 'rho0.5', 0.5, 'results/x/weights/stage1_ce_mixup_best.pth.tar', 47.0)
     fake_run(str(tmp_path / 'last'), 'fromlast_rho0', 0.0, 'results/x/weights/stage1_ce_mixup_last.pth.tar', 44.0)
     runs = collect.load_inputs([str(earlier), str(tmp_path / 'new'), str(tmp_path / 'last')], 'def456')
@@ -113,7 +112,8 @@ def test_collect_adds_new_runs_to_an_earlier_metrics_json(tmp_path):
     assert float(stats['0.5']['best_gain_mean']) == pytest.approx(2.0)
     bad = subprocess.run([sys.executable, 'scripts/collect_results.py', '--out', str(tmp_path / 'o2'),
                           str(tmp_path / 'missing')], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith('error: ') and 'neither a run folder' in bad.stderr and not (tmp_path / 'o2').exists()
+    assert bad.returncode == 2 and bad.stderr.startswith('error: ') and 'neither a run folder' in bad.stderr
+    assert not (tmp_path / 'o2').exists()
 
 
 def test_reproduce_from_last_needs_the_last_epoch(tmp_path):

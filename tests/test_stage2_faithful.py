@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.nn.functional import cross_entropy
 
-import train_stage1
 import train_stage2
 from conftest import ROOT, run_script
 from models import Classifier, resnet32_fe
@@ -19,13 +18,6 @@ from test_training import DualBatches, stage2_cfg
 from utils.engine import stage2_loss
 
 CPU = torch.device('cpu')
-
-
-@pytest.fixture(scope='module')
-def stage1_checkpoint(cifar10_root, tmp_path_factory):
-    save = tmp_path_factory.mktemp('s1')
-    train_stage1.main(args(STAGE1, cifar10_root, save, 'num_epochs', '1'))
-    return f'{only_run(save)}/ckps/model_best.pth.tar'
 
 
 def stage2_state(cifar10_root, ckpt, save, *extra):
