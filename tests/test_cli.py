@@ -146,8 +146,10 @@ def bad(script, cfg, *args, tmp_path, match):
 
 
 def test_missing_data_folder(tmp_path):
-    msg = bad('train_stage1.py', STAGE1, 'data_path', str(tmp_path / 'none'), tmp_path=tmp_path, match='not found')
-    assert 'make_cifar10.py' in msg and 'data_batch_1' in msg
+    msg = bad('train_stage1.py', STAGE1, 'data_path', str(tmp_path / 'none'), 'download', 'False', tmp_path=tmp_path,
+              match='CIFAR-10 not found')
+    assert 'data_batch_1' in msg and '`download True`' in msg and 'cifar-10-batches-py/' in msg
+    assert not os.path.exists(tmp_path / 'none')
 
 
 def test_incomplete_data_folder(cifar10_root, tmp_path):
@@ -155,7 +157,8 @@ def test_incomplete_data_folder(cifar10_root, tmp_path):
     partial = tmp_path / 'partial'
     shutil.copytree(cifar10_root, partial)
     os.remove(partial / 'cifar-10-batches-py' / 'data_batch_4')
-    bad('train_stage1.py', STAGE1, 'data_path', str(partial), tmp_path=tmp_path, match='lacks data_batch_4')
+    bad('train_stage1.py', STAGE1, 'data_path', str(partial), 'download', 'False', tmp_path=tmp_path,
+        match='lacks data_batch_4')
 
 
 def test_truncated_batch_file(cifar10_root, tmp_path):
@@ -203,6 +206,14 @@ def test_unknown_key_in_the_file(tmp_path):
     cfg.write_text(open(os.path.join(os.path.dirname(__file__), '..', STAGE1)).read() + 'weight_dacay: 1e-4\n')
     msg = bad('train_stage1.py', str(cfg), tmp_path=tmp_path, match="unknown config key 'weight_dacay'")
     assert 'typo.yaml' in msg
+
+
+def test_a_python_config_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / 'marker'
+    cfg = tmp_path / 'config.py'  # yacs would import a .py config, running it
+    cfg.write_text(f'open({str(marker)!r}, "w")\ncfg = dict()\n')
+    bad('train_stage1.py', str(cfg), tmp_path=tmp_path, match=f'config file {cfg} holds a YAML str, not KEY: VALUE')
+    assert not marker.exists()
 
 
 def test_wrong_value_type(tmp_path):

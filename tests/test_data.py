@@ -99,7 +99,16 @@ def test_missing_folder_names_the_files_and_the_fix(tmp_path):
     with pytest.raises(UserError) as e:
         IMBALANCECIFAR10(str(tmp_path / 'nowhere'))
     msg = str(e.value)
-    assert 'cifar-10-batches-py' in msg and 'data_batch_1' in msg and 'make_cifar10.py' in msg
+    assert msg.startswith('CIFAR-10 not found') and 'cifar-10-batches-py' in msg and 'data_batch_1' in msg
+    assert '`download True`' in msg and 'https://www.cs.toronto.edu/~kriz/cifar.html' in msg
+
+
+def test_missing_cifar100_folder_names_cifar100(tmp_path):
+    with pytest.raises(UserError) as e:
+        IMBALANCECIFAR100(str(tmp_path / 'nowhere'))
+    msg = str(e.value)
+    assert msg.startswith('CIFAR-100 not found') and 'cifar-100-python/' in msg and 'CIFAR-10 ' not in msg
+    assert '`download True`' in msg and 'lacks train, test, meta' in msg
 
 
 def test_incomplete_folder_lists_what_is_missing(tmp_path):
@@ -124,7 +133,7 @@ REAL_CIFAR100 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_CIFAR100, 'cifar-100-python', 'train')),
-                    reason='the official CIFAR-100 is not in data/cifar100 (python ../shared/data/make_cifar100.py data/cifar100)')
+                    reason='the official CIFAR-100 is not in data/cifar100 (`download True` fetches it)')
 @pytest.mark.parametrize('imb', [200, 100, 50])
 def test_real_cifar100_lt_subsets_have_the_published_totals(imb):
     train = IMBALANCECIFAR100(REAL_CIFAR100, imb_factor=1 / imb)
@@ -132,24 +141,3 @@ def test_real_cifar100_lt_subsets_have_the_published_totals(imb):
     assert train.get_cls_num_list() == img_num_per_cls(500, 100, 'exp', 1 / imb)
     test = IMBALANCECIFAR100(REAL_CIFAR100, train=False)
     assert len(test) == 10000 and set(test.get_cls_num_list()) == {100}
-
-
-@pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
-def test_device_pack_gives_every_subset_and_the_test_set_unchanged(dataset, cifar10_root, cifar100_root, tmp_path):
-    """scripts/device_pack.py: what travels to a lent GPU reads back as the same subsets and test set."""
-    from scripts.device_pack import SHIPPED_IMB_FACTORS, main
-    root = cifar10_root if dataset == 'cifar10' else cifar100_root
-    cls = IMBALANCECIFAR10 if dataset == 'cifar10' else IMBALANCECIFAR100
-    main(['pack', dataset, root, str(tmp_path / 'pack.xz')])
-    main(['unpack', str(tmp_path / 'pack.xz'), str(tmp_path / 'unpacked')])
-    for factor in SHIPPED_IMB_FACTORS[dataset]:
-        a = cls(root, imb_factor=factor)
-        b = cls(str(tmp_path / 'unpacked'), imb_factor=factor)
-        assert np.array_equal(a.data, b.data) and a.targets == b.targets
-    a, b = cls(root, train=False), cls(str(tmp_path / 'unpacked'), train=False)
-    assert np.array_equal(a.data, b.data) and a.targets == b.targets
-    # the images no subset keeps are blank, so any other subset is refused, and nothing is overwritten
-    with pytest.raises(UserError, match='holds only the exp subsets'):
-        cls(str(tmp_path / 'unpacked'), imb_factor=1.0)
-    with pytest.raises(UserError, match='already holds'):
-        main(['unpack', str(tmp_path / 'pack.xz'), str(tmp_path / 'unpacked')])

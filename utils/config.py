@@ -28,7 +28,7 @@ _C.train_list = ''           # list datasets: `path label` list (or iNat JSON); 
 _C.eval_list = ''            # ... and the evaluation list (ImageNet_LT_test.txt, Places_LT_test.txt,
                              # iNaturalist18_val.txt)
 _C.image_size = 224          # list datasets: the training crop and the evaluation centre crop
-_C.download = False          # fetch the files through torchvision if they are absent (needs internet)
+_C.download = True           # CIFAR: fetch the official files (MD5-checked) if they are absent; False: never
 _C.num_classes = 10
 _C.imb_type = 'exp'          # 'exp' | 'step'
 _C.imb_factor = 0.01         # n_min / n_max, in (0, 1]; 1 keeps the balanced set
@@ -133,8 +133,11 @@ def load_config(cfg_file, opts=()):
         raise UserError(f'config file {cfg_file} not found; pass an existing YAML file with --cfg')
     try:
         with open(cfg_file) as f:
-            loaded = CN.load_cfg(f)
-        cfg.merge_from_other_cfg(_ints_to_floats(loaded, cfg))
+            raw = yaml.safe_load(f)  # not CN.load_cfg(f), which imports (runs) a config file ending in .py
+        if not isinstance(raw, (dict, type(None))):
+            raise UserError(f'config file {cfg_file} holds a YAML {type(raw).__name__}, not KEY: VALUE lines; '
+                            f'pass a YAML config like those in config/')
+        cfg.merge_from_other_cfg(_ints_to_floats(CN(raw), cfg))
     except yaml.YAMLError as e:
         raise UserError(f'config file {cfg_file} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax')
     except KeyError as e:
