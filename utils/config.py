@@ -11,7 +11,7 @@ import os
 import yaml
 from yacs.config import CfgNode as CN
 
-from .errors import UserError
+from .errors import UserError, need
 
 _C = CN()
 _C.name = ''
@@ -204,10 +204,6 @@ def _type_message(err):
 
 def check_config(cfg):
     """Reject values that would train something other than what the user meant."""
-    def need(ok, message):
-        if not ok:
-            raise UserError(message)
-
     datasets = sorted({**CIFAR, **LIST_DATASETS})
     need(cfg.dataset in datasets, f"dataset {cfg.dataset!r} is not supported; use one of {datasets}")
     # list datasets: any num_classes (a subset of a list); the list's labels are checked against it
@@ -244,25 +240,9 @@ def check_config(cfg):
          f"sampler.dual_sample.type {cfg.sampler.dual_sample.type!r} is not supported; use 'long-tailed'")
     need(cfg.classifier == 'Classifier', f"classifier {cfg.classifier!r} is not supported; use 'Classifier' "
          f"(use_norm True gives the cosine head)")
-    from loss import LOSSES, SMOOTHING_SHAPES
+    from loss import LOSSES
     need(cfg.loss.type in LOSSES, f'loss.type {cfg.loss.type!r} is unknown; use one of {", ".join(LOSSES)}')
-    if cfg.loss.type == 'LabelAwareSmoothing':
-        for key in ('smooth_head', 'smooth_tail'):
-            need(isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool) and 0 <= cfg[key] < 1,
-                 f'{key} {cfg[key]} must be a number in [0, 1) for loss.type LabelAwareSmoothing; e.g. smooth_head 0.4 '
-                 f'smooth_tail 0.1')
-        need(cfg.loss.LAS.shape in SMOOTHING_SHAPES,
-             f'loss.LAS.shape {cfg.loss.LAS.shape!r} is unknown; use one of {", ".join(SMOOTHING_SHAPES)}')
-        need(cfg.loss.LAS.shape != 'exp' or (isinstance(cfg.loss.LAS.power, (int, float)) and cfg.loss.LAS.power > 0),
-             f'loss.LAS.shape exp needs a positive loss.LAS.power, got {cfg.loss.LAS.power}')
-    if cfg.loss.type == 'LDAMLoss':
-        need(cfg.loss.LDAM.s > 0, f'loss.LDAM.s {cfg.loss.LDAM.s} must be positive (the logit scale, 30 in LDAM-DRW)')
-        need(cfg.loss.LDAM.max_m > 0, f'loss.LDAM.max_m {cfg.loss.LDAM.max_m} must be positive (0.5 in LDAM-DRW)')
-        need(cfg.loss.LDAM.reweight_epoch < cfg.num_epochs,
-             f'loss.LDAM.reweight_epoch {cfg.loss.LDAM.reweight_epoch} is not below num_epochs {cfg.num_epochs}, so '
-             f'DRW would never start; lower it (160 of 200 in LDAM-DRW) or set -1 for no re-weighting')
-        need(cfg.loss.LDAM.reweight_epoch >= -1, f'loss.LDAM.reweight_epoch {cfg.loss.LDAM.reweight_epoch} must be -1 '
-             f'(never) or an epoch')
+    LOSSES[cfg.loss.type].check_config(cfg)  # each loss checks its own keys (loss.py)
     from models import BACKBONES
     need(cfg.backbone in BACKBONES, f'backbone {cfg.backbone!r} is unknown; use one of {sorted(BACKBONES)}')
     for key in ('head_class_idx', 'med_class_idx', 'tail_class_idx'):
