@@ -30,8 +30,7 @@ from utils.setup import prepare  # noqa: E402
 
 CONFIGS = {'stage1': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',
            'stage2': 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'}
-# keep_freed_memory is process-wide: both paths get it so that their rounds can alternate (the eager
-# fp32 reference step took 0-1.2k page faults a step without it, the compiled fast step ~21k)
+# keep_freed_memory is process-wide: both paths get it so that their rounds can alternate
 PATHS = {'reference': ['data_loader', 'torch', 'workers', 0, 'precision', 'fp32', 'channels_last', False,
                        'compile', False, 'keep_freed_memory', True],
          'fast': ['data_loader', 'device', 'precision', 'auto', 'channels_last', True, 'keep_freed_memory', True]}
