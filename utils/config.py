@@ -113,8 +113,7 @@ _C.dist_url = 'tcp://224.66.41.62:23456'
 _C.dist_backend = 'nccl'
 _C.multiprocessing_distributed = False
 
-CIFAR = {'cifar10': 10, 'cifar100': 100}
-LIST_DATASETS = {'imagenet': 1000, 'places': 365, 'ina2018': 8142}  # classes of the published lists
+CIFAR = {'cifar10': 10, 'cifar100': 100}  # their fixed class counts; every dataset is in datasets.DATASETS
 
 
 def get_default_config():
@@ -207,7 +206,8 @@ def _type_message(err):
 
 def check_config(cfg):
     """Reject values that would train something other than what the user meant."""
-    datasets = sorted({**CIFAR, **LIST_DATASETS})
+    from datasets import DATASETS
+    datasets = sorted(DATASETS)
     need(cfg.dataset in datasets, f"dataset {cfg.dataset!r} is not supported; use one of {datasets}")
     # list datasets: any num_classes (a subset of a list); the list's labels are checked against it
     need(cfg.num_classes == CIFAR.get(cfg.dataset, cfg.num_classes) and cfg.num_classes >= 2,
