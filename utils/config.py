@@ -200,7 +200,8 @@ def _type_message(err):
     text = str(err.args[0] if err.args else err)
     if 'for config key:' in text:
         key = text.rsplit(':', 1)[-1].strip()
-        return f'config key {key!r} has a value of the wrong type ({text.split(" with ")[0]}); give a value like its default'
+        return (f'config key {key!r} has a value of the wrong type ({text.split(" with ")[0]}); '
+                f'give a value like its default')
     return f'bad config value ({text})'
 
 
