@@ -14,14 +14,14 @@ from utils.setup import prepare
 
 
 def main(argv=None):
-    s = prepare('Evaluation', checkpoint='required', argv=argv, compile_model=False)  # one pass never pays back
-    cfg = s.cfg
-    metrics = evaluate(s.backbone, s.classifier, s.data.eval_loader(), s.data.class_splits, s.device, s.precision)
+    exp = prepare('Evaluation', checkpoint='required', argv=argv, compile_model=False)  # one pass never pays back
+    cfg, data = exp.cfg, exp.data
+    metrics = evaluate(exp.backbone, exp.classifier, data.eval_loader(), data.class_splits, exp.device, exp.precision)
     if not distributed.is_main():
         return
-    metrics.update(checkpoint=cfg.resume, checkpoint_epoch=s.ckpt.get('epoch'), dataset=cfg.dataset,
-                   imb_factor=s.data.imb_factor, precision=s.precision)
-    print(f'{cfg.resume} (epoch {s.ckpt.get("epoch")}): {format_metrics(metrics)} | '
+    metrics.update(checkpoint=cfg.resume, checkpoint_epoch=exp.ckpt.get('epoch'), dataset=cfg.dataset,
+                   imb_factor=data.imb_factor, precision=exp.precision)
+    print(f'{cfg.resume} (epoch {exp.ckpt.get("epoch")}): {format_metrics(metrics)} | '
           f'confidence {metrics["confidence"] * 100:.2f}%')
     out = cfg.resume.removesuffix('.pth.tar').removesuffix('.pth') + '.eval.json'
     tmp = f'{out}.{os.getpid()}.tmp'  # two evaluations of one checkpoint at once each write a whole file

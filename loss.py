@@ -8,6 +8,10 @@
 
 Every loss is computed in fp32 whatever the autocast dtype of the logits. `build_loss(cfg, cls_num_list)`
 builds the configured one; the epoch loop calls `before_epoch(epoch)` (epoch counted from 0) first.
+
+A loss is a subclass of `Loss` registered under its `loss.type` name with `@register_loss(name)`: it
+checks its config keys (`check_config`, called by utils.config.check_config) and builds itself from the
+config and the training set's class counts (`from_config`). Its keys' defaults go in utils/config.py.
 """
 import math
 
@@ -16,7 +20,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.errors import need
+
 SMOOTHING_SHAPES = ('concave', 'linear', 'convex', 'exp')
+LOSSES = {}  # loss.type -> its Loss class, filled by @register_loss
+
+
+def register_loss(name):
+    """Class decorator: make the Loss subclass the loss of `loss.type: <name>`."""
+    def register(cls):
+        if name in LOSSES:
+            raise ValueError(f'loss.type {name!r} is registered twice ({LOSSES[name].__name__}, {cls.__name__})')
+        LOSSES[name] = cls
+        return cls
+    return register
+
+
+class Loss(nn.Module):
+    """A classification loss: forward(logits, target) -> the batch's mean loss."""
+
+    @staticmethod
+    def check_config(cfg):
+        """Raise UserError (utils.errors.need) for a value of the loss's keys it cannot train with."""
+
+    @classmethod
+    def from_config(cls, cfg, cls_num_list):
+        """The loss of `cfg` for a training set of `cls_num_list` images per class."""
+        raise NotImplementedError
+
+    def before_epoch(self, epoch):
+        """Called before each epoch (counted from 0); a loss that changes over training (DRW) does it here."""
 
 
 def class_balanced_weights(cls_num_list, beta=0.9999):
@@ -26,13 +59,15 @@ def class_balanced_weights(cls_num_list, beta=0.9999):
     return torch.tensor(weights / weights.sum() * len(counts), dtype=torch.float32)
 
 
-class CrossEntropyLoss(nn.Module):
+@register_loss('CrossEntropyLoss')
+class CrossEntropyLoss(Loss):
     def __init__(self, cls_num_list, reweight_CE=False):
         super().__init__()
         self.register_buffer('weight', class_balanced_weights(cls_num_list) if reweight_CE else None)
 
-    def before_epoch(self, epoch):
-        pass
+    @classmethod
+    def from_config(cls, cfg, cls_num_list):
+        return cls(cls_num_list, cfg.loss.CE.reweight_CE)
 
     def forward(self, logits, target):
         return F.cross_entropy(logits.float(), target, weight=self.weight)
@@ -50,15 +85,28 @@ def smoothing_per_class(cls_num_list, smooth_head, smooth_tail, shape='concave',
     return torch.tensor(smooth_tail + (smooth_head - smooth_tail) * ramp, dtype=torch.float32)
 
 
-class LabelAwareSmoothing(nn.Module):
+@register_loss('LabelAwareSmoothing')
+class LabelAwareSmoothing(Loss):
     """(1 - e_y) * NLL(y) + e_y * mean over classes of -log p, with e_y the smoothing of the true class."""
 
     def __init__(self, cls_num_list, smooth_head, smooth_tail, shape='concave', power=None):
         super().__init__()
         self.register_buffer('smooth', smoothing_per_class(cls_num_list, smooth_head, smooth_tail, shape, power))
 
-    def before_epoch(self, epoch):
-        pass
+    @staticmethod
+    def check_config(cfg):
+        for key in ('smooth_head', 'smooth_tail'):
+            need(isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool) and 0 <= cfg[key] < 1,
+                 f'{key} {cfg[key]} must be a number in [0, 1) for loss.type LabelAwareSmoothing; e.g. smooth_head 0.4 '
+                 f'smooth_tail 0.1')
+        need(cfg.loss.LAS.shape in SMOOTHING_SHAPES,
+             f'loss.LAS.shape {cfg.loss.LAS.shape!r} is unknown; use one of {", ".join(SMOOTHING_SHAPES)}')
+        need(cfg.loss.LAS.shape != 'exp' or (isinstance(cfg.loss.LAS.power, (int, float)) and cfg.loss.LAS.power > 0),
+             f'loss.LAS.shape exp needs a positive loss.LAS.power, got {cfg.loss.LAS.power}')
+
+    @classmethod
+    def from_config(cls, cfg, cls_num_list):
+        return cls(cls_num_list, cfg.smooth_head, cfg.smooth_tail, cfg.loss.LAS.shape, cfg.loss.LAS.power)
 
     def forward(self, logits, target):
         log_probs = F.log_softmax(logits.float(), dim=1)
@@ -68,7 +116,8 @@ class LabelAwareSmoothing(nn.Module):
         return ((1 - smoothing) * nll + smoothing * uniform).mean()
 
 
-class LDAMLoss(nn.Module):
+@register_loss('LDAMLoss')
+class LDAMLoss(Loss):
     """CE on logits whose true-class entry is lowered by s * m_y, m_c = max_m * (n_min / n_c) ** (1/4),
     as the authors' loss (after RIDE) computes it for a classifier whose logits are already scaled by s
     (`use_norm: True`: s times the cosine). From epoch `reweight_epoch` + 1 (epochs counted from 0, as
@@ -82,6 +131,20 @@ class LDAMLoss(nn.Module):
         self.s, self.reweight_epoch = s, reweight_epoch
         self.weight = None
 
+    @staticmethod
+    def check_config(cfg):
+        need(cfg.loss.LDAM.s > 0, f'loss.LDAM.s {cfg.loss.LDAM.s} must be positive (the logit scale, 30 in LDAM-DRW)')
+        need(cfg.loss.LDAM.max_m > 0, f'loss.LDAM.max_m {cfg.loss.LDAM.max_m} must be positive (0.5 in LDAM-DRW)')
+        need(cfg.loss.LDAM.reweight_epoch < cfg.num_epochs,
+             f'loss.LDAM.reweight_epoch {cfg.loss.LDAM.reweight_epoch} is not below num_epochs {cfg.num_epochs}, so '
+             f'DRW would never start; lower it (160 of 200 in LDAM-DRW) or set -1 for no re-weighting')
+        need(cfg.loss.LDAM.reweight_epoch >= -1, f'loss.LDAM.reweight_epoch {cfg.loss.LDAM.reweight_epoch} must be -1 '
+             f'(never) or an epoch')
+
+    @classmethod
+    def from_config(cls, cfg, cls_num_list):
+        return cls(cls_num_list, cfg.loss.LDAM.max_m, cfg.loss.LDAM.s, cfg.loss.LDAM.reweight_epoch)
+
     def before_epoch(self, epoch):
         self.weight = self.drw_weight if 0 <= self.reweight_epoch < epoch else None
 
@@ -91,14 +154,6 @@ class LDAMLoss(nn.Module):
         return F.cross_entropy(shifted, target, weight=self.weight)
 
 
-LOSSES = ('CrossEntropyLoss', 'LabelAwareSmoothing', 'LDAMLoss')
-
-
 def build_loss(cfg, cls_num_list):
     """The criterion `cfg.loss.type` names, with its keys (checked by utils.config.check_config)."""
-    if cfg.loss.type == 'CrossEntropyLoss':
-        return CrossEntropyLoss(cls_num_list, cfg.loss.CE.reweight_CE)
-    if cfg.loss.type == 'LabelAwareSmoothing':
-        return LabelAwareSmoothing(cls_num_list, cfg.smooth_head, cfg.smooth_tail, cfg.loss.LAS.shape,
-                                   cfg.loss.LAS.power)
-    return LDAMLoss(cls_num_list, cfg.loss.LDAM.max_m, cfg.loss.LDAM.s, cfg.loss.LDAM.reweight_epoch)
+    return LOSSES[cfg.loss.type].from_config(cfg, cls_num_list)

@@ -11,18 +11,17 @@ from utils.setup import prepare
 
 
 def main(argv=None):
-    s = prepare('Stage 1: representation learning', 'stage1', argv=argv)
-    cfg = s.cfg
-    optimizer = make_optimizer(s.backbone, s.classifier, cfg, 'stage1')
-    if s.resume_state is None and s.run:
-        sizes = s.data.cls_num_list
+    exp = prepare('Stage 1: representation learning', 'stage1', argv=argv)
+    optimizer = make_optimizer(exp.backbone, exp.classifier, exp.cfg)
+    if exp.resume_state is None and exp.run:
+        sizes = exp.data.cls_num_list
         counts = sizes if len(sizes) <= 100 else f'({max(sizes)} to {min(sizes)} a class)'
-        s.logger.info(f'{s.run.name}: {s.data.description}, {len(s.data.train_set)} training images '
-                      f'{counts}, {cfg.backbone} on {s.device} ({s.precision}) x '
-                      f'{distributed.world_size()} process(es), run folder {s.run.dir}')
-    backbone, classifier = distributed.wrap(s.backbone, s.device), distributed.wrap(s.classifier, s.device)
-    fit(backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage1', s.criterion,
-        s.resume_state)
+        exp.logger.info(f'{exp.run.name}: {exp.data.description}, {len(exp.data.train_set)} training images '
+                        f'{counts}, {exp.cfg.backbone} on {exp.device} ({exp.precision}) x '
+                        f'{distributed.world_size()} process(es), run folder {exp.run.dir}')
+    exp.backbone = distributed.wrap(exp.backbone, exp.device)
+    exp.classifier = distributed.wrap(exp.classifier, exp.device)
+    fit(exp, optimizer)
 
 
 if __name__ == '__main__':

@@ -13,16 +13,15 @@ from utils.setup import prepare
 
 
 def main(argv=None):
-    s = prepare('Stage 2: classifier re-training', 'stage2', checkpoint='required', argv=argv)
-    cfg = s.cfg
-    optimizer = make_optimizer(s.backbone, s.classifier, cfg, 'stage2')
-    if s.resume_state is None and s.run:
-        s.logger.info(f'{s.run.name}: {s.data.description}, H2T rho={cfg.H2T}, '
-                      f'shift_bn={cfg.shift_bn}, from {cfg.resume}, on {s.device} ({s.precision}) x '
-                      f'{distributed.world_size()} process(es), run folder {s.run.dir}')
-    classifier = distributed.wrap(s.classifier, s.device)
-    fit(s.backbone, classifier, s.data, optimizer, cfg, s.device, s.precision, s.run, s.logger, 'stage2',
-        s.criterion, s.resume_state)
+    exp = prepare('Stage 2: classifier re-training', 'stage2', checkpoint='required', argv=argv)
+    cfg = exp.cfg
+    optimizer = make_optimizer(exp.backbone, exp.classifier, cfg)
+    if exp.resume_state is None and exp.run:
+        exp.logger.info(f'{exp.run.name}: {exp.data.description}, H2T rho={cfg.H2T}, '
+                        f'shift_bn={cfg.shift_bn}, from {cfg.resume}, on {exp.device} ({exp.precision}) x '
+                        f'{distributed.world_size()} process(es), run folder {exp.run.dir}')
+    exp.classifier = distributed.wrap(exp.classifier, exp.device)  # the frozen backbone needs no DDP
+    fit(exp, optimizer)
 
 
 if __name__ == '__main__':

@@ -30,8 +30,7 @@ from utils.setup import prepare  # noqa: E402
 
 CONFIGS = {'stage1': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',
            'stage2': 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'}
-# keep_freed_memory is process-wide: both paths get it so that their rounds can alternate (the eager
-# fp32 reference step took 0-1.2k page faults a step without it, the compiled fast step ~21k)
+# keep_freed_memory is process-wide: both paths get it so that their rounds can alternate
 PATHS = {'reference': ['data_loader', 'torch', 'workers', 0, 'precision', 'fp32', 'channels_last', False,
                        'compile', False, 'keep_freed_memory', True],
          'fast': ['data_loader', 'device', 'precision', 'auto', 'channels_last', True, 'keep_freed_memory', True]}
@@ -51,14 +50,13 @@ class TrainingSteps:
         overrides = ['data_path', args.data_path, 'device', args.device, *map(str, PATHS[path])]
         if args.no_compile:
             overrides += ['compile', 'False']
-        s = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage]), *overrides])
-        self.cfg, self.device, self.precision = s.cfg, s.device, s.precision
-        self.backbone, self.classifier, self.stage, self.criterion = s.backbone, s.classifier, stage, s.criterion
-        self.optimizer = make_optimizer(s.backbone, s.classifier, s.cfg, stage)
-        set_train_mode(s.backbone, s.classifier, s.cfg, stage)
-        self.loader = s.data.train_loader()
+        self.exp = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage]), *overrides])
+        self.cfg, self.device = self.exp.cfg, self.exp.device
+        self.optimizer = make_optimizer(self.exp.backbone, self.exp.classifier, self.cfg)
+        set_train_mode(self.exp.backbone, self.exp.classifier, self.cfg)
+        self.loader = self.exp.data.train_loader()
         self.stream = self._batches()
-        self.mode = f'{s.precision}, compiled' if s.cfg.compile else s.precision
+        self.mode = f'{self.exp.precision}, compiled' if self.cfg.compile else self.exp.precision
 
     def _batches(self):
         while True:
@@ -69,8 +67,7 @@ class TrainingSteps:
         (an epoch's short last batch counts its own images)."""
         images, loss, t = 0, None, time.perf_counter()
         for _ in range(steps):
-            loss, _, y = train_step(self.backbone, self.classifier, next(self.stream), self.optimizer,
-                                    self.cfg, self.device, self.precision, self.stage, self.criterion)
+            loss, _, y = train_step(self.exp, next(self.stream), self.optimizer)
             images += len(y)
         if loss is not None:
             loss.item()  # wait for the device

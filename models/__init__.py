@@ -1,7 +1,7 @@
 from utils.errors import UserError
+from .heads import Classifier, LearnableWeightScaling, NormedLinear
 from .resnet_cifar import BACKBONES as CIFAR_BACKBONES
-from .resnet_cifar import Classifier, LearnableWeightScaling, NormedLinear, ResNet_fe, resnet20_fe, resnet32_fe, \
-    resnet44_fe, resnet56_fe, resnet110_fe
+from .resnet_cifar import ResNet_fe, resnet20_fe, resnet32_fe, resnet44_fe, resnet56_fe, resnet110_fe
 from .resnet_imagenet import BACKBONES as IMAGENET_BACKBONES
 from .resnet_imagenet import PlacesResNetFE, ResNetFE, load_pretrained
 

@@ -1,15 +1,13 @@
 """ResNet for CIFAR (He et al. 2016, section 4.2), split into a feature extractor and a classifier.
 
 The backbone (`resnet32_fe` and its siblings) returns the last feature map, [B, 64, 8, 8] for a
-32x32 input, because H2T fuses channels of that map; `Classifier` pools it and applies `fc`.
+32x32 input, because H2T fuses channels of that map; `Classifier` (heads.py) pools it and applies `fc`.
 Parameter names match the authors' checkpoints (conv1, bn1, layer1..3.*, fc).
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['ResNet_fe', 'Classifier', 'NormedLinear', 'LearnableWeightScaling', 'resnet20_fe', 'resnet32_fe',
-           'resnet44_fe', 'resnet56_fe', 'resnet110_fe', 'BACKBONES']
+__all__ = ['ResNet_fe', 'resnet20_fe', 'resnet32_fe', 'resnet44_fe', 'resnet56_fe', 'resnet110_fe', 'BACKBONES']
 
 
 def _kaiming_init(module):
@@ -64,48 +62,6 @@ class ResNet_fe(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(out)))
-
-
-class NormedLinear(nn.Module):
-    """Cosine similarity of the L2-normalised input and class weights (LDAM-DRW's head); weight is
-    [feat_in, num_classes] as theirs, no bias."""
-
-    def __init__(self, feat_in, num_classes):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(feat_in, num_classes).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5))
-
-    def forward(self, x):
-        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
-
-
-class LearnableWeightScaling(nn.Module):
-    """MiSLAS's stage-2 per-class scale of the logits, learned from 1 (identity)."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.learned_norm = nn.Parameter(torch.ones(1, num_classes))
-
-    def forward(self, x):
-        return self.learned_norm * x
-
-
-class Classifier(nn.Module):
-    """Global average pooling + Linear(feat_in, num_classes); with `use_norm`, s times the cosine
-    (NormedLinear), the logits LDAMLoss expects (its margins are subtracted as s * m); with `lws`,
-    MiSLAS's LearnableWeightScaling after it (stage 2; absent from stage-1 checkpoints, it starts at 1)."""
-
-    def __init__(self, feat_in, num_classes, use_norm=False, s=30.0, lws=False):
-        super().__init__()
-        self.fc = NormedLinear(feat_in, num_classes) if use_norm else nn.Linear(feat_in, num_classes)
-        self.scale = s if use_norm else 1.0
-        self.apply(_kaiming_init)
-        self.lws = LearnableWeightScaling(num_classes) if lws else None
-
-    def forward(self, x):
-        out = self.fc(x.mean(dim=(2, 3)))
-        if self.scale != 1.0:
-            out = out * self.scale
-        return self.lws(out) if self.lws is not None else out
 
 
 def resnet20_fe():

@@ -3,7 +3,7 @@
 The networks are torchvision's (`torchvision.models.resnet.ResNet`), not a copy. `ResNetFE` keeps their
 stem and four stages under torchvision's names (conv1, bn1, layer1..4), so torchvision's and MiSLAS's
 weight files load as they are, and returns the last feature map, [B, C, H/32, W/32], on which H2T fuses
-channels; `Classifier` (resnet_cifar.py) pools it and applies `fc`, as for ResNet-32.
+channels; `Classifier` (heads.py) pools it and applies `fc`, as for ResNet-32.
 """
 import os
 

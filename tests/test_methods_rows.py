@@ -44,9 +44,9 @@ def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, stag
     import utils.engine as engine
     real = engine.train_one_epoch
 
-    def spy(backbone, classifier, loader, optimizer, *a, **kw):
+    def spy(exp, loader, optimizer, *a, **kw):
         lrs.append([g['lr'] for g in optimizer.param_groups])
-        return real(backbone, classifier, loader, optimizer, *a, **kw)
+        return real(exp, loader, optimizer, *a, **kw)
     engine.train_one_epoch = spy
     try:
         train_stage2.main(args(mislas, cifar10_root, tmp_path / 's2', 'num_epochs', '2', 'resume', stage1_checkpoint))

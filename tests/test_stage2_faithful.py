@@ -16,6 +16,7 @@ from models import Classifier, resnet32_fe
 from test_sturdy import STAGE1, STAGE2, args, only_run
 from test_training import DualBatches, stage2_cfg
 from utils.engine import stage2_loss
+from utils.setup import Experiment
 
 CPU = torch.device('cpu')
 
@@ -69,7 +70,9 @@ def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion()
     cfg.mixup = True
     np.random.seed(3)
     torch.manual_seed(3)
-    loss, _, y = stage2_loss(backbone, classifier, (x1, y1, x2, y2), cfg, CPU, 'fp32', cross_entropy)
+    exp = Experiment(cfg=cfg, device=CPU, precision='fp32', backbone=backbone, classifier=classifier,
+                     criterion=cross_entropy)
+    loss, _, y = stage2_loss(exp, (x1, y1, x2, y2))
     np.random.seed(3)
     torch.manual_seed(3)
     lam = np.random.beta(1.0, 1.0)
@@ -86,7 +89,7 @@ def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion()
     cfg.mixup = False
     np.random.seed(3)
     torch.manual_seed(3)
-    plain, _, _ = stage2_loss(backbone, classifier, (x1, y1, x2, y2), cfg, CPU, 'fp32', cross_entropy)
+    plain, _, _ = stage2_loss(exp, (x1, y1, x2, y2))
     assert abs(plain.item() - loss.item()) > 1e-3
 
 

@@ -37,7 +37,7 @@ def interrupt_at_epoch(monkeypatch, stop_epoch):
     real = engine.train_one_epoch
 
     def train_one_epoch(*a, **kw):
-        if a[7] == stop_epoch:  # the `epoch` argument, counted from 0
+        if a[3] == stop_epoch:  # train_one_epoch(exp, loader, optimizer, epoch): epoch counted from 0
             raise KeyboardInterrupt
         return real(*a, **kw)
     monkeypatch.setattr(engine, 'train_one_epoch', train_one_epoch)

@@ -14,6 +14,7 @@ from models import Classifier, ResNet_fe, resnet32_fe
 from utils.config import get_default_config
 from utils.engine import learning_rate, make_optimizer, stage2_loss, train_one_epoch, train_step
 from utils.runtime import compile_in_place
+from utils.setup import Experiment
 
 CPU = torch.device('cpu')
 
@@ -63,8 +64,9 @@ def run_stage2(shift_bn):
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     fc_before = classifier.fc.weight.clone()
     optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    train_one_epoch(backbone, classifier, DualBatches(), optimizer, stage2_cfg(shift_bn), CPU, 'fp32', 0,
-                    logging.getLogger('test'), 'stage2', cross_entropy)
+    exp = Experiment(cfg=stage2_cfg(shift_bn), device=CPU, precision='fp32', backbone=backbone, classifier=classifier,
+                     criterion=cross_entropy, logger=logging.getLogger('test'))
+    train_one_epoch(exp, DualBatches(), optimizer, 0)
     after = backbone.state_dict()
     return before, after, fc_before, classifier.fc.weight
 
@@ -90,7 +92,9 @@ def test_stage2_labels_come_from_the_fused_branch(shift_bn):
     torch.manual_seed(0)
     backbone, classifier = resnet32_fe().train(shift_bn), Classifier(64, 10)
     x1, y1, x2, y2 = DualBatches(steps=1).batches[0]
-    loss, _, y = stage2_loss(backbone, classifier, (x1, y1, x2, y2), stage2_cfg(shift_bn, rho=0.0), CPU, 'fp32', cross_entropy)
+    exp = Experiment(cfg=stage2_cfg(shift_bn, rho=0.0), device=CPU, precision='fp32', backbone=backbone,
+                     classifier=classifier, criterion=cross_entropy)
+    loss, _, y = stage2_loss(exp, (x1, y1, x2, y2))
     assert torch.equal(y, y1)
     with torch.no_grad():
         expected = cross_entropy(classifier(backbone(x1)), y1)
@@ -126,10 +130,12 @@ def test_compiled_stage1_step_matches_eager():
         classifier = Classifier(64, 10).double().train()
         if name == 'compiled':
             compile_in_place(backbone, classifier)  # as the training scripts compile
-        optimizer = make_optimizer(backbone, classifier, cfg, 'stage1')
+        optimizer = make_optimizer(backbone, classifier, cfg)
+        exp = Experiment(cfg=cfg, device=CPU, precision='fp32', backbone=backbone, classifier=classifier,
+                         criterion=cross_entropy)
         torch.manual_seed(1)  # the same mixup lam and permutation
         np.random.seed(1)
-        losses = [train_step(backbone, classifier, (x, y), optimizer, cfg, CPU, 'fp32', 'stage1', cross_entropy)[:2]
+        losses = [train_step(exp, (x, y), optimizer)[:2]
                   for _ in range(2)]  # the second step reuses the compiled graph, with momentum
         results[name] = (losses, backbone.state_dict(), classifier.state_dict())
     (steps_e, bb_e, cl_e), (steps_c, bb_c, cl_c) = results['eager'], results['compiled']

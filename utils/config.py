@@ -11,7 +11,7 @@ import os
 import yaml
 from yacs.config import CfgNode as CN
 
-from .errors import UserError
+from .errors import UserError, need
 
 _C = CN()
 _C.name = ''
@@ -53,7 +53,6 @@ _C.auto_resume = False       # continue the run of `resume` (its ckps/current.pt
 _C.head_class_idx = [0, 1]   # [start, end) of the many-shot classes
 _C.med_class_idx = [0, 1]
 _C.tail_class_idx = [0, 1]
-_C.num_experts = 1
 _C.classifier = 'Classifier'
 _C.use_norm = False          # Classifier: s * cosine of normalised features and weights (LDAM), s = loss.LDAM.s
 _C.lws = False               # stage 2: MiSLAS's learnable per-class scale of the logits, learned at the full LR
@@ -61,8 +60,7 @@ _C.lws = False               # stage 2: MiSLAS's learnable per-class scale of th
 
 # loss (loss.py), the authors' keys and defaults
 _C.loss = CN()
-_C.loss.type = 'CrossEntropyLoss'  # 'CrossEntropyLoss' | 'LabelAwareSmoothing' | 'LDAMLoss'
-_C.loss.add_extra_info = False
+_C.loss.type = 'CrossEntropyLoss'  # registered in loss.py: 'CrossEntropyLoss' | 'LabelAwareSmoothing' | 'LDAMLoss'
 _C.loss.CE = CN()
 _C.loss.CE.reweight_CE = False     # class-balanced weights, beta 0.9999
 _C.loss.LDAM = CN()
@@ -79,18 +77,12 @@ _C.smooth_tail = None              # ... and of the smallest
 _C.device = 'auto'           # 'auto' (CUDA when present, else CPU) | 'cpu' | 'cuda' | 'cuda:N'
 _C.precision = 'auto'        # 'auto' (bf16 autocast where the hardware has it) | 'fp32' | 'bf16'
 _C.channels_last = True
-_C.compile = False           # torch.compile the model in the training scripts; the stage-1 configs turn it on
-                             # (on CPU about 15% off a step and 30% off an evaluation, for ~3 min of compiling once)
+_C.compile = False           # torch.compile the model in the training scripts (faster steps for a one-time
+                             # compile); the stage-1 configs turn it on
 _C.keep_freed_memory = True  # CPU: glibc keeps freed activation memory for the next step (no page faults)
 _C.seed = 0
 _C.deterministic = False
-_C.distributed = False
 _C.gpu = None                # authors' key: a CUDA index, same as device 'cuda:<gpu>'
-_C.world_size = -1
-_C.rank = -1
-_C.dist_url = 'tcp://224.66.41.62:23456'
-_C.dist_backend = 'nccl'
-_C.multiprocessing_distributed = False
 
 # training
 _C.mode = 'stage1'
@@ -110,8 +102,18 @@ _C.mixup = True
 _C.alpha = 1.0
 _C.H2T = 0.0                 # rho: fraction of channels fused from the instance branch (stage 2)
 
-CIFAR = {'cifar10': 10, 'cifar100': 100}
-LIST_DATASETS = {'imagenet': 1000, 'places': 365, 'ina2018': 8142}  # classes of the published lists
+# accepted so the authors' YAML files load; not read (multi-process runs are set up by torchrun, see
+# utils/distributed.py; the model has one classifier, no experts)
+_C.num_experts = 1
+_C.loss.add_extra_info = False
+_C.distributed = False
+_C.world_size = -1
+_C.rank = -1
+_C.dist_url = 'tcp://224.66.41.62:23456'
+_C.dist_backend = 'nccl'
+_C.multiprocessing_distributed = False
+
+CIFAR = {'cifar10': 10, 'cifar100': 100}  # their fixed class counts; every dataset is in datasets.DATASETS
 
 
 def get_default_config():
@@ -201,17 +203,15 @@ def _type_message(err):
     text = str(err.args[0] if err.args else err)
     if 'for config key:' in text:
         key = text.rsplit(':', 1)[-1].strip()
-        return f'config key {key!r} has a value of the wrong type ({text.split(" with ")[0]}); give a value like its default'
+        return (f'config key {key!r} has a value of the wrong type ({text.split(" with ")[0]}); '
+                f'give a value like its default')
     return f'bad config value ({text})'
 
 
 def check_config(cfg):
     """Reject values that would train something other than what the user meant."""
-    def need(ok, message):
-        if not ok:
-            raise UserError(message)
-
-    datasets = sorted({**CIFAR, **LIST_DATASETS})
+    from datasets import DATASETS
+    datasets = sorted(DATASETS)
     need(cfg.dataset in datasets, f"dataset {cfg.dataset!r} is not supported; use one of {datasets}")
     # list datasets: any num_classes (a subset of a list); the list's labels are checked against it
     need(cfg.num_classes == CIFAR.get(cfg.dataset, cfg.num_classes) and cfg.num_classes >= 2,
@@ -247,25 +247,9 @@ def check_config(cfg):
          f"sampler.dual_sample.type {cfg.sampler.dual_sample.type!r} is not supported; use 'long-tailed'")
     need(cfg.classifier == 'Classifier', f"classifier {cfg.classifier!r} is not supported; use 'Classifier' "
          f"(use_norm True gives the cosine head)")
-    from loss import LOSSES, SMOOTHING_SHAPES
+    from loss import LOSSES
     need(cfg.loss.type in LOSSES, f'loss.type {cfg.loss.type!r} is unknown; use one of {", ".join(LOSSES)}')
-    if cfg.loss.type == 'LabelAwareSmoothing':
-        for key in ('smooth_head', 'smooth_tail'):
-            need(isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool) and 0 <= cfg[key] < 1,
-                 f'{key} {cfg[key]} must be a number in [0, 1) for loss.type LabelAwareSmoothing; e.g. smooth_head 0.4 '
-                 f'smooth_tail 0.1')
-        need(cfg.loss.LAS.shape in SMOOTHING_SHAPES,
-             f'loss.LAS.shape {cfg.loss.LAS.shape!r} is unknown; use one of {", ".join(SMOOTHING_SHAPES)}')
-        need(cfg.loss.LAS.shape != 'exp' or (isinstance(cfg.loss.LAS.power, (int, float)) and cfg.loss.LAS.power > 0),
-             f'loss.LAS.shape exp needs a positive loss.LAS.power, got {cfg.loss.LAS.power}')
-    if cfg.loss.type == 'LDAMLoss':
-        need(cfg.loss.LDAM.s > 0, f'loss.LDAM.s {cfg.loss.LDAM.s} must be positive (the logit scale, 30 in LDAM-DRW)')
-        need(cfg.loss.LDAM.max_m > 0, f'loss.LDAM.max_m {cfg.loss.LDAM.max_m} must be positive (0.5 in LDAM-DRW)')
-        need(cfg.loss.LDAM.reweight_epoch < cfg.num_epochs,
-             f'loss.LDAM.reweight_epoch {cfg.loss.LDAM.reweight_epoch} is not below num_epochs {cfg.num_epochs}, so '
-             f'DRW would never start; lower it (160 of 200 in LDAM-DRW) or set -1 for no re-weighting')
-        need(cfg.loss.LDAM.reweight_epoch >= -1, f'loss.LDAM.reweight_epoch {cfg.loss.LDAM.reweight_epoch} must be -1 '
-             f'(never) or an epoch')
+    LOSSES[cfg.loss.type].check_config(cfg)  # each loss checks its own keys (loss.py)
     from models import BACKBONES
     need(cfg.backbone in BACKBONES, f'backbone {cfg.backbone!r} is unknown; use one of {sorted(BACKBONES)}')
     for key in ('head_class_idx', 'med_class_idx', 'tail_class_idx'):

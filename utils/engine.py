@@ -51,24 +51,26 @@ def classification_loss(criterion, out, y, mix):
     return mixup_criterion(criterion, out, *mix)
 
 
-def stage1_loss(backbone, classifier, batch, cfg, device, precision, criterion):
-    """The criterion (loss.py, chosen by loss.type) on the batch, with mixup (one lam per batch) when cfg.mixup is set."""
+def stage1_loss(exp, batch):
+    """exp.criterion (loss.py, chosen by loss.type) on the batch, with mixup (one lam per batch) when
+    cfg.mixup is set; returns (loss, logits, labels)."""
     x, y = batch
-    x, mix = mix_inputs(x, y, cfg)
-    with autocast(device, precision):
-        out = classifier(backbone(x))
-    return classification_loss(criterion, out, y, mix), out, y
+    x, mix = mix_inputs(x, y, exp.cfg)
+    with autocast(exp.device, exp.precision):
+        out = exp.classifier(exp.backbone(x))
+    return classification_loss(exp.criterion, out, y, mix), out, y
 
 
-def stage2_loss(backbone, classifier, batch, cfg, device, precision, criterion):
+def stage2_loss(exp, batch):
     """Frozen backbone; H2T fuses the instance branch's channels into the balanced branch's map.
 
     As in the authors' loop: mixup (cfg.mixup) mixes the balanced images only, before the backbone;
     the instance branch exists only where H2T fuses (the loader draws none at rho 0) and stays unmixed.
     """
+    backbone, cfg = exp.backbone, exp.cfg
     x1, y1 = batch[:2]
     x1, mix = mix_inputs(x1, y1, cfg)
-    with torch.no_grad(), autocast(device, precision):
+    with torch.no_grad(), autocast(exp.device, exp.precision):
         if len(batch) == 2:
             f1, f2 = backbone(x1), None
         elif backbone.training:
@@ -80,16 +82,16 @@ def stage2_loss(backbone, classifier, batch, cfg, device, precision, criterion):
             # Eval-mode BN is per-sample, so one pass over the concatenation is exactly two passes.
             f1, f2 = backbone(torch.cat([x1, batch[2]])).chunk(2)
     fused = f1 if f2 is None else H2T(f1, f2, cfg.H2T)
-    with autocast(device, precision):
-        out = classifier(fused)
-    return classification_loss(criterion, out, y1, mix), out, y1
+    with autocast(exp.device, exp.precision):
+        out = exp.classifier(fused)
+    return classification_loss(exp.criterion, out, y1, mix), out, y1
 
 
-def make_optimizer(backbone, classifier, cfg, stage):
-    """SGD over what the stage trains: backbone and classifier in stage 1; in stage 2 the classifier
+def make_optimizer(backbone, classifier, cfg):
+    """SGD over what the stage (cfg.mode) trains: backbone and classifier in stage 1; in stage 2 the classifier
     only, with the backbone frozen (requires_grad off). MiSLAS's learnable weight scaling (`lws`) gets a
     group of its own whose LR is not scaled by lr_scheduler.lr_factor (`lr_scale` undoes it)."""
-    if stage == 'stage2':
+    if cfg.mode == 'stage2':
         backbone.requires_grad_(False)
     lws = [p for name, p in classifier.named_parameters() if name.startswith('lws.')]
     lws_ids = {id(p) for p in lws}
@@ -101,38 +103,38 @@ def make_optimizer(backbone, classifier, cfg, stage):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage, criterion):
-    """One optimisation step of the stage's loss; returns (loss, logits, labels)."""
-    step_fn = stage1_loss if stage == 'stage1' else stage2_loss
-    loss, out, y = step_fn(backbone, classifier, batch, cfg, device, precision, criterion)
+def train_step(exp, batch, optimizer):
+    """One optimisation step of the loss of the stage exp.cfg.mode; returns (loss, logits, labels)."""
+    step_fn = stage1_loss if exp.cfg.mode == 'stage1' else stage2_loss
+    loss, out, y = step_fn(exp, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach(), out.detach(), y
 
 
-def set_train_mode(backbone, classifier, cfg, stage):
+def set_train_mode(backbone, classifier, cfg):
     """Classifier in train mode; the backbone too in stage 1, and in stage 2 only with `shift_bn`
     (its BatchNorm then normalises with batch statistics and updates its running statistics)."""
     classifier.train()
-    backbone.train(stage == 'stage1' or cfg.shift_bn)
+    backbone.train(cfg.mode == 'stage1' or cfg.shift_bn)
 
 
-def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precision, epoch, logger, stage,
-                    criterion):
-    """One pass over `loader`; returns {'train_loss', 'train_acc'} summed over all ranks.
+def train_one_epoch(exp, loader, optimizer, epoch):
+    """One pass over `loader` (epoch counted from 0); returns {'train_loss', 'train_acc'} summed over all ranks.
 
     Host syncs only every print_freq steps. A NaN/inf loss raises a UserError naming the first bad
     step, before anything of this epoch is saved, so the last checkpoint stays the last good one.
     """
-    set_train_mode(backbone, classifier, cfg, stage)
+    cfg, device = exp.cfg, exp.device
+    set_train_mode(exp.backbone, exp.classifier, cfg)
     # loss sum, correct, seen, first non-finite step (+1; 0 = none): one tensor, one all_reduce
     stats = torch.zeros(3, device=device)
     first_bad = torch.zeros((), dtype=torch.long, device=device)
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.num_epochs}', leave=False, file=sys.stderr,
                disable=not (sys.stderr.isatty() and distributed.is_main()), dynamic_ncols=True)
     for step, batch in enumerate(bar):
-        loss, out, y = train_step(backbone, classifier, batch, optimizer, cfg, device, precision, stage, criterion)
+        loss, out, y = train_step(exp, batch, optimizer)
         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step + 1, first_bad)
         stats[0] += loss * len(y)
         stats[1] += out.argmax(1).eq(y).sum()
@@ -146,7 +148,7 @@ def train_one_epoch(backbone, classifier, loader, optimizer, cfg, device, precis
                                 f'last good checkpoint is kept; lower lr or check the data')
             avg = (reduced[0] / reduced[2]).item()
             if bar.disable and not last and distributed.is_main():
-                logger.info(f'  epoch {epoch + 1} step {step + 1}/{len(loader)} loss {avg:.4f}')
+                exp.logger.info(f'  epoch {epoch + 1} step {step + 1}/{len(loader)} loss {avg:.4f}')
             bar.set_postfix(loss=f'{avg:.4f}')
     return {'train_loss': (reduced[0] / reduced[2]).item(), 'train_acc': (reduced[1] / reduced[2]).item() * 100}
 
@@ -202,20 +204,24 @@ def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     random.setstate(state['python'])
     n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logger, stage, criterion, resume_state=None):
-    """Train for cfg.num_epochs, evaluate after each epoch, keep current/model_best checkpoints,
-    log to the run folder and TensorBoard, and write summary.json with the best and last epochs.
+def fit(exp, optimizer):
+    """Train exp's model for cfg.num_epochs in the stage cfg.mode, evaluate after each epoch, keep
+    current/model_best checkpoints, log to the run folder and TensorBoard, and write summary.json with
+    the best and last epochs.
 
-    `resume_state` (a checkpoint from `training_state`) continues that run exactly: optimizer,
-    epoch, best metrics and every RNG state. `run` is None on ranks other than 0: they write nothing.
+    `exp.resume_state` (a checkpoint from `training_state`) continues that run exactly: optimizer,
+    epoch, best metrics and every RNG state. `exp.run` is None on ranks other than 0: they write nothing.
     """
+    cfg, data, device, precision, logger = exp.cfg, exp.data, exp.device, exp.precision, exp.logger
+    backbone, classifier, resume_state = exp.backbone, exp.classifier, exp.resume_state
     main = distributed.is_main()
-    run_dir, log_dir, ckpt_dir, name = run if main else (None,) * 4
+    run_dir, log_dir, ckpt_dir, name = exp.run if main else (None,) * 4
     train_loader, eval_loader = data.train_loader(), data.eval_loader()
     best, best_epoch, history, start_epoch = None, -1, [], 0
     if resume_state is not None:
@@ -234,11 +240,10 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
-        criterion.before_epoch(epoch)  # DRW switches its class weights on here
+        exp.criterion.before_epoch(epoch)  # DRW switches its class weights on here
         t0 = time.time()
-        train = train_one_epoch(backbone, classifier, train_loader, optimizer, cfg, device, precision, epoch,
-                                logger, stage, criterion)
-        if stage == 'stage2' and cfg.shift_bn:
+        train = train_one_epoch(exp, train_loader, optimizer, epoch)
+        if cfg.mode == 'stage2' and cfg.shift_bn:
             distributed.average_buffers(unwrap(backbone))
         t1 = time.time()
         test = evaluate(backbone, classifier, eval_loader, data.class_splits, device, precision)
@@ -271,7 +276,7 @@ def fit(backbone, classifier, data, optimizer, cfg, device, precision, run, logg
     if ranks > 1:
         logger.info(f'weights identical on all {ranks} ranks')
     wall = sum(h['time_train_s'] + h['time_eval_s'] for h in history)
-    summary = {'name': name, 'stage': stage, 'dataset': cfg.dataset, 'imb_factor': data.imb_factor,
+    summary = {'name': name, 'stage': cfg.mode, 'dataset': cfg.dataset, 'imb_factor': data.imb_factor,
                'H2T': cfg.H2T, 'precision': precision, 'device': str(device), 'hardware': hardware_name(device),
                'torch': torch.__version__, 'world_size': ranks,
                'epochs': cfg.num_epochs, 'wall_time_s': round(wall, 1), 'best_epoch': best_epoch, 'best': best,

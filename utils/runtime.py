@@ -69,9 +69,8 @@ def keep_freed_memory():
 
     With glibc's defaults, blocks above its mmap threshold are unmapped when freed and a free heap top is
     trimmed, so every CPU training step maps its activations afresh and the kernel zeroes them page by
-    page: measured here ~21k page faults and ~40 ms of system time a compiled step (with glibc's
-    initial 128 KiB thresholds forced, 1.2M faults and ~2 s an evaluation). Raising both thresholds
-    keeps that memory in the process for the next step; it is process-wide and stays on. Returns False, changing nothing, where the C library has no mallopt.
+    page, in system time. Raising both thresholds keeps that memory in the process for the next step;
+    it is process-wide and stays on. Returns False, changing nothing, where the C library has no mallopt.
     """
     name = ctypes.util.find_library('c')
     try:
@@ -86,7 +85,7 @@ def keep_freed_memory():
 def compile_in_place(*modules):
     """torch.compile each module in place (its state_dict keys stay those of the checkpoints), with
     static shapes: under torch's default an epoch's short last batch recompiles a dynamic-batch graph
-    that then serves every full batch as well, measured ~8% slower a step on CPU; static shapes give
+    that then serves every full batch as well, slower than a graph of fixed shape; static shapes give
     one graph per batch size instead (full, last, evaluation)."""
     for module in modules:
         module.compile(dynamic=False)

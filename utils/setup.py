@@ -1,7 +1,9 @@
 """What the three scripts do before training or evaluating: config, device, data, model, checkpoint,
 run folder and logger, in that order, so that bad input stops a script before it writes anything."""
+import logging
 import os
-from types import SimpleNamespace
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -16,14 +18,31 @@ from .runtime import (RunDir, check_compile_toolchain, compile_in_place, create_
                       select_device, select_precision, seed_everything)
 
 
+@dataclass
+class Experiment:
+    """Everything a script works with once `prepare` has checked and built it. The engine's functions
+    take it and read the stage from `cfg.mode`; a training step needs only the fields without a default."""
+    cfg: Any                     # the frozen yacs config
+    device: torch.device
+    precision: str               # 'fp32' | 'bf16'
+    backbone: torch.nn.Module    # a training script may replace it (and classifier) by its DDP wrapper
+    classifier: torch.nn.Module
+    criterion: Any               # loss.py's loss of loss.type (or any callable (logits, target) -> loss)
+    data: Any = None             # datasets.build_data: train_set, cls_num_list, loaders, class_splits
+    ckpt: Optional[dict] = None  # the checkpoint of `resume`, if any
+    resume_state: Optional[dict] = None  # the checkpoint when `auto_resume` continues a run
+    run: Optional[RunDir] = None  # the run folder: training scripts on rank 0 only
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger('h2t'))
+
+
 def prepare(description, stage=None, checkpoint='optional', argv=None, compile_model=True):
     """Parse `--cfg FILE KEY VALUE ...`, check everything the run needs, and build it.
 
-    Returns a namespace: cfg, device, precision, data, backbone, classifier, criterion (loss.type, built
-    from the training set's class counts), ckpt, resume_state
-    (the checkpoint when `auto_resume` continues a run), run (a RunDir; training scripts on rank 0
-    only, else None) and logger. The model is compiled when cfg.compile is set, unless the caller
-    (eval.py: one pass) passes compile_model=False.
+    Returns an Experiment: cfg, device, precision, data, backbone, classifier, criterion (loss.type,
+    built from the training set's class counts), ckpt, resume_state (the checkpoint when `auto_resume`
+    continues a run), run (a RunDir; training scripts on rank 0 only, else None) and logger. `stage`
+    (a training script's mode) refuses a config of the other stage and makes the run folder. The model
+    is compiled when cfg.compile is set, unless the caller (eval.py: one pass) passes compile_model=False.
     """
     args = parse_args(description, argv)
     cfg = load_config(args.cfg, args.opts)
@@ -77,6 +96,5 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
             run = create_run_dir(cfg)
         log_file = os.path.join(run.log_dir, f'{run.name}.txt')
     logger = get_logger(log_file, quiet=not distributed.is_main())
-    return SimpleNamespace(cfg=cfg, device=device, precision=precision, data=data, backbone=backbone,
-                           classifier=classifier, criterion=criterion, ckpt=ckpt, resume_state=resume_state, run=run,
-                           logger=logger)
+    return Experiment(cfg=cfg, device=device, precision=precision, backbone=backbone, classifier=classifier,
+                      criterion=criterion, data=data, ckpt=ckpt, resume_state=resume_state, run=run, logger=logger)
