@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import train_stage2
-from conftest import ROOT
-from test_sturdy import args, only_run
+from conftest import ROOT, args, only_run
 from utils.config import load_config
 
 METHOD_CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config/*/*_mislas*.yaml')) +

@@ -11,9 +11,8 @@ import torch
 from torch.nn.functional import cross_entropy
 
 import train_stage2
-from conftest import ROOT, run_script
+from conftest import ROOT, STAGE1, STAGE2, args, only_run, run_script
 from models import Classifier, resnet32_fe
-from test_sturdy import STAGE1, STAGE2, args, only_run
 from test_training import DualBatches, stage2_cfg
 from utils.engine import stage2_loss
 

@@ -13,24 +13,9 @@ import torch
 import train_stage1
 import train_stage2
 import utils.engine as engine
-from conftest import ROOT, run_script
+from conftest import ROOT, STAGE1, STAGE2, args, only_run, run_script
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserError
-
-STAGE1 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml')
-STAGE2 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml')
-TINY = ['batch_size', '16', 'eval_batch_size', '64', 'print_freq', '5', 'imb_factor', '0.1', 'device', 'cpu',
-        'precision', 'fp32', 'deterministic', 'True', 'compile', 'False']
-
-
-def args(cfg, root, save, *extra):
-    return ['--cfg', cfg, 'data_path', root, 'save_dir', str(save), *TINY, *extra]
-
-
-def only_run(save):
-    runs = glob.glob(f'{save}/*_2*')
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 def interrupt_at_epoch(monkeypatch, stop_epoch):
