@@ -105,20 +105,23 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
                           text=True, timeout=timeout, env=env)
 
 
-def run_main(script, argv, capsys):
-    """`python <script> argv` in this process: the script's main under run_cli, which is what its __main__
-    runs (a UserError becomes `error: ...` on stderr and exit status 2). Returns (exit status, stdout, stderr)."""
+def run_main(script, *argv):
+    """`python <script> argv` in this process: the script's main under run_cli, which is all its __main__ runs
+    (a UserError becomes `error: ...` on stderr and exit status 2), with stdout and stderr captured.
+    Returns (exit status, stdout, stderr)."""
+    import contextlib
     import importlib
+    import io
     from utils.errors import run_cli
-    module = importlib.import_module(script.removesuffix('.py'))
-    capsys.readouterr()
+    module = importlib.import_module(script.removesuffix('.py').replace('/', '.'))
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding='utf-8', write_through=True) for _ in range(2))
     code = 0
-    try:
-        run_cli(lambda: module.main(list(argv)))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(lambda: module.main([str(a) for a in argv]))
+        except SystemExit as e:
+            code = e.code
+    return code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode()
 
 
 def assert_one_line_error(code, err, match):

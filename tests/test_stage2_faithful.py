@@ -11,7 +11,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 import train_stage2
-from conftest import ROOT, STAGE1, STAGE2, args, only_run, run_script
+from conftest import ROOT, STAGE2, args, only_run
 from models import Classifier, resnet32_fe
 from test_training import DualBatches, stage2_cfg
 from utils.engine import stage2_loss
@@ -44,18 +44,6 @@ def test_h2t_runs_the_instance_branch_through_the_backbone(cifar10_root, stage1_
     start = torch.load(stage1_checkpoint, weights_only=True)['state_dict_model']['bn1.num_batches_tracked'].item()
     fused = stage2_state(cifar10_root, stage1_checkpoint, tmp_path, 'H2T', '0.25')
     assert fused['state_dict_model']['bn1.num_batches_tracked'].item() == start + 2 * 16
-
-
-@pytest.mark.parametrize('stage_args', [
-    ('train_stage2.py', STAGE2, 'H2T', '0.25', 'sampler.dual_sample.enable', 'False', 'resume', 'x.pth.tar'),
-    ('train_stage1.py', STAGE1, 'H2T', '0.25')])
-def test_h2t_that_would_be_ignored_is_refused(stage_args, tmp_path):
-    script, cfg, *extra = stage_args
-    result = run_script(script, '--cfg', cfg, 'save_dir', str(tmp_path / 's'), *extra)
-    assert result.returncode == 2 and result.stderr.count('\n') == 1, result.stderr[-2000:]
-    assert result.stderr.startswith('error: H2T 0.25 ')
-    assert ('sampler.dual_sample.enable True' if script == 'train_stage2.py' else 'stage-2 method') in result.stderr
-    assert not os.path.exists(tmp_path / 's')
 
 
 def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion():
