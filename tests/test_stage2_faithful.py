@@ -95,18 +95,27 @@ def test_history_keeps_the_training_and_the_test_loss(cifar10_root, stage1_check
     assert all(h['train_loss'] != h['test_loss'] for h in history)
 
 
-def test_reproduce_uses_the_interpreter_it_is_given(tmp_path):
-    """A `python` first on PATH that is not the one running the tests must not be used."""
+@pytest.mark.slow
+def test_reproduce_uses_the_interpreter_it_is_given(cifar10_root, stage1_checkpoint, tmp_path):
+    """A `python` first on PATH that is not the one running the tests must not be used: with a real stage-1
+    checkpoint, the interpreter given evaluates it (its eval.json appears beside it) and starts stage 2, whose
+    config error (num_epochs 0) ends the script."""
+    import shutil
+    import subprocess
+    import sys
     fake = tmp_path / 'bin'
     fake.mkdir()
     (fake / 'python').write_text('#!/bin/sh\necho "wrong python" >&2\nexit 97\n')
     (fake / 'python').chmod(0o755)
-    import subprocess
-    import sys
-    env = dict(os.environ, PATH=f'{fake}:{os.environ["PATH"]}', PYTHON=sys.executable,
-               STAGE1_CKPT=str(tmp_path / 'missing.pth.tar'))
+    ckpt = tmp_path / 'weights' / 'stage1_ce_mixup_best.pth.tar'
+    ckpt.parent.mkdir()
+    shutil.copy(stage1_checkpoint, ckpt)
+    tiny = f'data_path {cifar10_root} batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False device cpu'
+    env = dict(os.environ, PATH=f'{fake}:{os.environ["PATH"]}', PYTHON=sys.executable, STAGE1_CKPT=str(ckpt),
+               STAGE1_OVERRIDES=tiny, STAGE2_OVERRIDES=f'{tiny} num_epochs 0', SAVE_DIR=str(tmp_path / 'saved'),
+               RESULTS=str(tmp_path / 'results'))
     result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0'], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
-    # the real interpreter ran eval.py, which names the missing checkpoint
     assert 'wrong python' not in result.stderr
-    assert result.returncode == 2 and 'missing.pth.tar not found' in result.stderr
+    assert json.load(open(tmp_path / 'weights' / 'stage1_ce_mixup_best.eval.json'))['checkpoint_epoch'] == 1
+    assert result.returncode == 2 and result.stderr.endswith('error: num_epochs 0 must be at least 1\n'), result.stderr
