@@ -185,3 +185,12 @@ def one_train_step(backbone, classifier, batch, optimizer, cfg, criterion, devic
     from utils.engine import train_step
     return train_step(backbone, classifier, batch, optimizer, cfg, torch.device(device), precision, cfg.mode,
                       criterion)
+
+
+def one_train_epoch(backbone, classifier, loader, optimizer, cfg, criterion, epoch=0, device='cpu', precision='fp32'):
+    """One pass over `loader` as fit makes it (train modes set as the stage asks); returns its train metrics."""
+    import logging
+    import torch
+    from utils.engine import train_one_epoch
+    return train_one_epoch(backbone, classifier, loader, optimizer, cfg, torch.device(device), precision, epoch,
+                           logging.getLogger('test'), cfg.mode, criterion)

@@ -11,12 +11,10 @@ import torch
 from torch.nn.functional import cross_entropy
 
 import train_stage2
-from conftest import ROOT, STAGE2, args, only_run
+from conftest import ROOT, STAGE2, args, only_run, stage_loss
 from models import Classifier, resnet32_fe
 from test_training import DualBatches, stage2_cfg
-from utils.engine import stage2_loss
 
-CPU = torch.device('cpu')
 
 
 def stage2_state(cifar10_root, ckpt, save, *extra):
@@ -56,7 +54,7 @@ def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion()
     cfg.mixup = True
     np.random.seed(3)
     torch.manual_seed(3)
-    loss, _, y = stage2_loss(backbone, classifier, (x1, y1, x2, y2), cfg, CPU, 'fp32', cross_entropy)
+    loss, _, y = stage_loss(backbone, classifier, (x1, y1, x2, y2), cfg, cross_entropy)
     np.random.seed(3)
     torch.manual_seed(3)
     lam = np.random.beta(1.0, 1.0)
@@ -73,7 +71,7 @@ def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion()
     cfg.mixup = False
     np.random.seed(3)
     torch.manual_seed(3)
-    plain, _, _ = stage2_loss(backbone, classifier, (x1, y1, x2, y2), cfg, CPU, 'fp32', cross_entropy)
+    plain, _, _ = stage_loss(backbone, classifier, (x1, y1, x2, y2), cfg, cross_entropy)
     assert abs(plain.item() - loss.item()) > 1e-3
 
 
