@@ -1,9 +1,16 @@
-import pytest
+"""The batch loaders: balanced and instance sampling, the dual sampler of stage 2, the device loader's
+augmentation against the authors' PIL pipeline, and what a config's loaders draw through build_data."""
+import json
+import random
+
 import numpy as np
+import pytest
 import torch
 
-from datasets import DeviceTrainLoader, IMBALANCECIFAR10, balanced_indices, crop_flip, torch_train_loader
+from conftest import STAGE1, STAGE2, args, only_run, run_main, write_cifar
+from datasets import DeviceTrainLoader, balanced_indices, build_data, crop_flip, torch_train_loader
 from datasets.loaders import CIFAR_MEAN, CIFAR_STD
+from utils.config import load_config
 
 COUNTS = [500, 200, 80, 30, 10, 5]
 
@@ -123,3 +130,107 @@ def test_ranks_together_draw_the_single_process_batches(sampling, monkeypatch):
             merged = torch.empty_like(whole[part])
             merged[0::2], merged[1::2] = a[part], b[part]
             assert torch.equal(merged, whole[part])
+
+
+# -- what a config's loaders draw and how they preprocess, through build_data ----------------------------
+def tiny_config(root, config, *extra):
+    return load_config(config, ['data_path', root, 'imb_factor', '0.1', 'batch_size', '16', 'device', 'cpu',
+                                *[str(e) for e in extra]])
+
+
+def label_counts(loader, epochs, branch):
+    ys = torch.cat([batch[2 * branch + 1] for _ in range(epochs) for batch in loader])
+    return torch.bincount(ys, minlength=10).double()
+
+
+@pytest.mark.parametrize('data_loader', ['device', 'torch'])
+def test_stage2_config_gives_balanced_labels_and_a_long_tailed_fusing_branch(data_loader, cifar10_root):
+    """The shipped stage-2 config (sampler: weighted sampler, dual_sample) through build_data: over 40 epochs the
+    labelled branch draws every class equally often, the fusing branch as often as the class has images. The
+    class sizes come from the generated data (30 a class) and the LDAM-DRW rule at imb_factor 0.1."""
+    cfg = tiny_config(cifar10_root, STAGE2, 'data_loader', data_loader)
+    sizes = torch.tensor([int(30 * 0.1 ** (c / 9)) for c in range(10)], dtype=torch.float64)
+    torch.manual_seed(0)
+    random.seed(0)
+    loader = build_data(cfg, torch.device('cpu')).train_loader()
+    batch = next(iter(loader))
+    assert len(batch) == 4 and batch[0].shape == batch[2].shape == (16, 3, 32, 32)
+    epochs, draws = 40, 40 * int(sizes.sum())
+    balanced, fusing = label_counts(loader, epochs, 0), label_counts(loader, epochs, 1)
+    expected_balanced = torch.full((10,), draws / 10)
+    expected_fusing = sizes / sizes.sum() * draws
+    # binomial sd of a class count is under sqrt(expected): 4 sd either way
+    assert ((balanced - expected_balanced).abs() < 4 * expected_balanced.sqrt()).all(), balanced
+    assert ((fusing - expected_fusing).abs() < 4 * expected_fusing.sqrt()).all(), fusing
+    if data_loader == 'device':  # a permutation each epoch: each image exactly once
+        assert torch.equal(fusing, sizes * epochs)
+
+
+def test_stage1_config_visits_each_image_once_an_epoch_and_rho_0_draws_no_fusing_branch(cifar10_root):
+    sizes = torch.tensor([int(30 * 0.1 ** (c / 9)) for c in range(10)], dtype=torch.float64)
+    loader = build_data(tiny_config(cifar10_root, STAGE1), torch.device('cpu')).train_loader()
+    assert torch.equal(label_counts(loader, 3, 0), sizes * 3)
+    plain = build_data(tiny_config(cifar10_root, STAGE2, 'H2T', 0), torch.device('cpu')).train_loader()
+    assert all(len(batch) == 2 for batch in plain)
+
+
+# the authors' training transform, written out: RandomCrop(32, padding=4) pads with zeros, then crops at
+# (top, left); RandomHorizontalFlip; ToTensor; Normalize with the CIFAR mean and std, channel by channel (R, G, B)
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def every_augmentation(images):
+    """[N * 81 * 2, 3, 32, 32]: each image at each of the 9 x 9 crop offsets, unflipped and flipped, and the
+    (image, top, left, flip) of each."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    out, keys = [], []
+    for i, array in enumerate(images):
+        padded = TF.pad(Image.fromarray(array), 4)
+        for top in range(9):
+            for left in range(9):
+                crop = TF.crop(padded, top, left, 32, 32)
+                for flip in (False, True):
+                    out.append(TF.normalize(TF.to_tensor(TF.hflip(crop) if flip else crop), MEAN, STD))
+                    keys.append((i, top, left, flip))
+    return torch.stack(out), keys
+
+
+@pytest.mark.parametrize('data_loader', ['device', 'torch'])
+def test_training_batches_are_the_authors_pil_pipeline(data_loader, tmp_path):
+    """Every sample of a training batch is one of its image's 162 crops and flips through the authors' PIL
+    transform, in all three channels; the device loader's offsets and flips vary from sample to sample."""
+    root = write_cifar(str(tmp_path), 'cifar10', train_per_class=1, test_per_class=1)
+    cfg = tiny_config(root, STAGE1, 'imb_factor', 1, 'batch_size', 10, 'data_loader', data_loader)
+    data = build_data(cfg, torch.device('cpu'))
+    reference, keys = every_augmentation(data.train_set.data)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(3):
+        for x, y in data.train_loader():
+            for sample, label in zip(x, y):
+                distance = (reference - sample).abs().flatten(1).amax(1)
+                match = int(distance.argmin())
+                assert distance[match] < 1e-5, f'no crop and flip of any image gives this sample ({distance.min():.3g})'
+                image = keys[match][0]
+                assert data.train_set.targets[image] == label
+                seen.add(keys[match])
+    assert len({key[1:] for key in seen}) > 10  # offsets and flips drawn per sample
+
+
+def test_evaluation_batches_are_the_authors_transform(tmp_path):
+    root = write_cifar(str(tmp_path), 'cifar10', train_per_class=1, test_per_class=3)
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    data = build_data(tiny_config(root, STAGE1, 'eval_batch_size', 30), torch.device('cpu'))
+    x, y = next(iter(data.eval_loader()))
+    expected = torch.stack([TF.normalize(TF.to_tensor(Image.fromarray(a)), MEAN, STD) for a in data.test_set.data])
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+    assert y.tolist() == data.test_set.targets
+
+
+def test_the_torch_data_loader_trains_end_to_end(cifar10_root, tmp_path):
+    code, _, err = run_main('train_stage1.py', *args(STAGE1, cifar10_root, tmp_path, 'num_epochs', '1',
+                                                     'data_loader', 'torch'))
+    assert code == 0, err[-2000:]
+    assert json.load(open(f'{only_run(tmp_path)}/summary.json'))['epochs'] == 1
