@@ -3,6 +3,7 @@ by a NaN loss keeps its last good checkpoint."""
 import glob
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import train_stage1
 import train_stage2
 import utils.engine as engine
-from conftest import STAGE1, STAGE2, args, only_run
+from conftest import STAGE1, STAGE2, args, assert_one_line_error, only_run, run_main
 from utils.errors import UserError
 
 
@@ -91,3 +92,50 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_root, tmp_pat
         train_stage1.main(args(STAGE1, cifar10_root, tmp_path, 'num_epochs', '3'))
     run = only_run(tmp_path)
     assert torch.load(f'{run}/ckps/current.pth.tar', weights_only=True)['epoch'] == 1
+
+
+# -- auto_resume under a config that would compute something else ----------------------------------------
+@pytest.fixture(scope='module')
+def stage2_current(cifar10_root, stage1_checkpoint, tmp_path_factory):
+    """ckps/current.pth.tar of a one-epoch stage 2 (read only)."""
+    save = tmp_path_factory.mktemp('s2')
+    train_stage2.main(args(STAGE2, cifar10_root, save, 'num_epochs', '1', 'resume', stage1_checkpoint))
+    return f'{only_run(save)}/ckps/current.pth.tar'
+
+
+@pytest.mark.parametrize('stage,change,named', [
+    ('stage1', ['lr', '0.05'], 'lr 0.1, not 0.05'),
+    ('stage1', ['batch_size', '8'], 'batch_size 16, not 8'),
+    ('stage1', ['weight_decay', '5e-4'], 'weight_decay 0.0002, not 0.0005'),
+    ('stage1', ['imb_factor', '0.2'], 'imb_factor 0.1, not 0.2'),
+    ('stage1', ['loss.type', 'LDAMLoss'], 'loss.type CrossEntropyLoss, not LDAMLoss'),
+    ('stage1', ['mixup', 'False'], 'mixup True, not False'),
+    ('stage1', ['lr_scheduler.milestones', '[100, 150]'], 'lr_scheduler.milestones [160, 180], not [100, 150]'),
+    ('stage1', ['seed', '1'], 'seed 0, not 1'),
+    ('stage1', ['dataset', 'cifar100', 'num_classes', '100'], 'dataset cifar10, not cifar100'),
+    ('stage2', ['H2T', '0.5'], 'H2T 0.25, not 0.5'),
+    ('stage2', ['shift_bn', 'False'], 'shift_bn True, not False'),
+    ('stage2', ['lr_scheduler.lr_factor', '0.1'], 'lr_scheduler.lr_factor 0.2, not 0.1')])
+def test_auto_resume_under_a_changed_config_names_the_key(stage, change, named, cifar10_root, stage1_checkpoint,
+                                                         tmp_path, request):
+    """Continuing a run with a value that changes what it computes would record two runs as one exact run: one
+    line naming the key and both values, exit 2, the run's folder untouched."""
+    current = (os.path.join(os.path.dirname(stage1_checkpoint), 'current.pth.tar') if stage == 'stage1'
+               else request.getfixturevalue('stage2_current'))
+    run = os.path.dirname(os.path.dirname(current))
+    before = sorted(os.listdir(run)), os.path.getmtime(current)
+    script, cfg = ('train_stage1.py', STAGE1) if stage == 'stage1' else ('train_stage2.py', STAGE2)
+    code, _, err = run_main(script, *args(cfg, cifar10_root, tmp_path, 'num_epochs', '2', 'resume', current,
+                                          'auto_resume', 'True', *change))
+    line = assert_one_line_error(code, err, f'was trained with {named}; auto_resume continues a run with its own')
+    assert current in line
+    assert (sorted(os.listdir(run)), os.path.getmtime(current)) == before
+
+
+def test_auto_resume_with_more_epochs_continues(cifar10_root, stage1_checkpoint, tmp_path):
+    run = tmp_path / 'run_202601010000'
+    shutil.copytree(os.path.dirname(os.path.dirname(stage1_checkpoint)), run)
+    train_stage1.main(args(STAGE1, cifar10_root, tmp_path, 'num_epochs', '2', 'resume',
+                           str(run / 'ckps' / 'current.pth.tar'), 'auto_resume', 'True'))
+    summary = json.load(open(run / 'summary.json'))
+    assert [h['epoch'] for h in summary['history']] == [1, 2]
