@@ -1,4 +1,10 @@
-"""Tiny CIFAR-10 / CIFAR-100 files in the official pickled format, and helpers the tests share."""
+"""Tiny CIFAR-10 / CIFAR-100 files in the official pickled format, and helpers the tests share.
+
+The tests reach the training loop through the scripts' `main(argv)` where they can; where a test needs one
+step, one loss or one optimizer, it goes through the small adapters at the end of this file, so that a
+change of the engine's signatures is made here once.
+"""
+import glob
 import os
 import pickle
 import subprocess
@@ -9,6 +15,24 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+STAGE1 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml')
+STAGE2 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml')
+# a few seconds a run on the tiny CIFAR-10 below (8 steps of 16 an epoch at imb_factor 0.1); compile False:
+# a one-epoch run never pays a compile back (test_training checks the compiled step against the eager one)
+TINY = ['batch_size', '16', 'eval_batch_size', '64', 'print_freq', '5', 'imb_factor', '0.1', 'device', 'cpu',
+        'precision', 'fp32', 'deterministic', 'True', 'compile', 'False']
+
+
+def args(cfg, root, save, *extra):
+    """argv of a tiny run of config `cfg` on the generated data at `root`, writing under `save`."""
+    return ['--cfg', cfg, 'data_path', root, 'save_dir', str(save), *TINY, *extra]
+
+
+def only_run(save):
+    runs = glob.glob(f'{save}/*_2*')
+    assert len(runs) == 1, runs
+    return runs[0]
 
 
 def write_cifar(root, dataset='cifar10', train_per_class=30, test_per_class=10, seed=0):
@@ -64,7 +88,6 @@ def stage1_checkpoint(cifar10_root, tmp_path_factory):
     """model_best of a one-epoch CE + mixup stage 1 on the tiny CIFAR-10, which the stage-2 tests start
     from (read only: tests that need a file beside it copy it)."""
     import train_stage1
-    from test_sturdy import STAGE1, args, only_run
     save = tmp_path_factory.mktemp('s1')
     train_stage1.main(args(STAGE1, cifar10_root, save, 'num_epochs', '1'))
     return f'{only_run(save)}/ckps/model_best.pth.tar'
@@ -76,10 +99,38 @@ def cifar100_root(tmp_path_factory):
 
 
 def run_script(script, *args, cwd=ROOT, timeout=600):
-    """Run one of the project's scripts; returns the CompletedProcess (text output)."""
+    """Run one of the project's scripts in a new interpreter; returns the CompletedProcess (text output)."""
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def run_main(script, *argv):
+    """`python <script> argv` in this process: the script's main under run_cli, which is all its __main__ runs
+    (a UserError becomes `error: ...` on stderr and exit status 2), with stdout and stderr captured.
+    Returns (exit status, stdout, stderr)."""
+    import contextlib
+    import importlib
+    import io
+    from utils.errors import run_cli
+    module = importlib.import_module(script.removesuffix('.py').replace('/', '.'))
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding='utf-8', write_through=True) for _ in range(2))
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(lambda: module.main([str(a) for a in argv]))
+        except SystemExit as e:
+            code = e.code
+    return code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode()
+
+
+def assert_one_line_error(code, err, match):
+    """Exit status 2 and one line `error: ...` holding `match`; returns that line."""
+    lines = err.strip().splitlines()
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), err[-2000:]
+    assert match in lines[0], lines[0]
+    return lines[0]
 
 
 # -- ImageNet-LT-style list datasets ------------------------------------------------------------------
@@ -111,3 +162,51 @@ def write_image_lists(root, train_name='ImageNet_LT_train.txt', eval_name='Image
 @pytest.fixture(scope='session')
 def imagenet_lt_root(tmp_path_factory):
     return write_image_lists(str(tmp_path_factory.mktemp('imagenet_lt')))
+
+
+# -- the engine, where a test needs less than a whole run ------------------------------------------------
+def make_stage_optimizer(backbone, classifier, cfg):
+    """The optimizer the training scripts build for cfg.mode (stage 2: classifier only, backbone frozen)."""
+    from utils.engine import make_optimizer
+    return make_optimizer(backbone, classifier, cfg)
+
+
+def experiment(backbone, classifier, cfg, criterion, device='cpu', precision='fp32'):
+    """The parts of a run a training step needs, as prepare() returns them."""
+    import torch
+    from utils.setup import Experiment
+    return Experiment(cfg=cfg, device=torch.device(device), precision=precision, backbone=backbone,
+                      classifier=classifier, criterion=criterion)
+
+
+def stage_loss(backbone, classifier, batch, cfg, criterion, device='cpu', precision='fp32'):
+    """(loss, logits, labels) of one batch of the stage cfg.mode names, without a step."""
+    from utils.engine import stage1_loss, stage2_loss
+    step = stage1_loss if cfg.mode == 'stage1' else stage2_loss
+    return step(experiment(backbone, classifier, cfg, criterion, device, precision), batch)
+
+
+def one_train_step(backbone, classifier, batch, optimizer, cfg, criterion, device='cpu', precision='fp32'):
+    """One optimisation step of the stage cfg.mode names; returns (loss, logits, labels)."""
+    from utils.engine import train_step
+    return train_step(experiment(backbone, classifier, cfg, criterion, device, precision), batch, optimizer)
+
+
+def one_train_epoch(backbone, classifier, loader, optimizer, cfg, criterion, epoch=0, device='cpu', precision='fp32'):
+    """One pass over `loader` as fit makes it (train modes set as the stage asks); returns its train metrics."""
+    from utils.engine import train_one_epoch
+    return train_one_epoch(experiment(backbone, classifier, cfg, criterion, device, precision), loader, optimizer,
+                           epoch)
+
+
+def script_test_top1(monkeypatch, values):
+    """Make the per-epoch test evaluation of a run report top-1 `values[0]`, `values[1]`, ... (every other
+    metric as measured), so that a test chooses which epoch is best."""
+    import utils.engine as engine
+    real, calls = engine.evaluate, []
+
+    def evaluate(*a, **kw):
+        metrics = real(*a, **kw)
+        calls.append(1)
+        return {**metrics, 'top1': float(values[len(calls) - 1])}
+    monkeypatch.setattr(engine, 'evaluate', evaluate)

@@ -12,7 +12,7 @@ import train_stage1
 from conftest import dump, run_script, write_cifar
 from datasets import IMBALANCECIFAR10, IMBALANCECIFAR100
 from test_data import reference_subset
-from test_sturdy import args
+from conftest import args
 from utils.errors import UserError, run_cli
 
 CONFIGS = {'cifar10': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',

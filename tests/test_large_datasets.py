@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import LIST_COUNTS, ROOT, run_script, write_image_lists
+from conftest import LIST_COUNTS, ROOT, assert_one_line_error, run_main, run_script
 from datasets.image_list import GlobalBatchSampler, count_splits
 from utils.config import load_config
 from utils.errors import UserError
@@ -177,6 +177,7 @@ def test_split_means_leave_out_classes_without_evaluation_images():
 
 
 # -- end to end ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize('dataset', ['imagenet', 'ina2018'])
 def test_both_stages_and_eval_on_workers(dataset, imagenet_lt_root, tmp_path):
     stage1, stage2 = (IMAGENET1, IMAGENET2) if dataset == 'imagenet' else (INAT1, INAT2)
@@ -197,6 +198,7 @@ def test_both_stages_and_eval_on_workers(dataset, imagenet_lt_root, tmp_path):
     assert f"top1 {metrics['top1']:.2f}" in ev.stdout
 
 
+@pytest.mark.slow
 def test_stage1_resumes_exactly_with_worker_processes(imagenet_lt_root, tmp_path):
     """Workers take their seeds from the checkpointed generator: 2 epochs straight = 1 epoch + resume."""
     common = ['data_path', imagenet_lt_root, *TINY, 'workers', '2', 'num_epochs', '2', 'deterministic', 'True']
@@ -213,14 +215,15 @@ def test_stage1_resumes_exactly_with_worker_processes(imagenet_lt_root, tmp_path
             assert torch.equal(v, b[part][k]), f'{part}.{k} differs'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dataset', ['imagenet', 'ina2018', 'places'])
 def test_two_processes_with_torchrun(dataset, imagenet_lt_root, places_stage1, tmp_path):
     """2 CPU ranks (gloo), each with its own loader worker: a stage (both for ImageNet-LT), one checkpoint,
     identical weights on the ranks, the whole evaluation list evaluated once."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
 
-    def torchrun(script, cfg, common, save, port, *extra):
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+    def torchrun(script, cfg, common, save, *extra):  # --standalone: the rendezvous takes a free port
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
                os.path.join(ROOT, script), '--cfg', cfg, *common, 'workers', '1', 'save_dir', str(save), *extra]
         result = ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env))
         assert 'weights identical on all 2 ranks' in result.stdout
@@ -231,15 +234,16 @@ def test_two_processes_with_torchrun(dataset, imagenet_lt_root, places_stage1, t
 
     common = ['data_path', imagenet_lt_root, *TINY]
     if dataset == 'imagenet':
-        run1 = torchrun('train_stage1.py', IMAGENET1, common, tmp_path / 's1', 29527)
-        torchrun('train_stage2.py', IMAGENET2, common, tmp_path / 's2', 29528, 'resume', f'{run1}/ckps/current.pth.tar')
+        run1 = torchrun('train_stage1.py', IMAGENET1, common, tmp_path / 's1')
+        torchrun('train_stage2.py', IMAGENET2, common, tmp_path / 's2', 'resume', f'{run1}/ckps/current.pth.tar')
     elif dataset == 'ina2018':
-        torchrun('train_stage1.py', INAT1, common + inat_json_lists(imagenet_lt_root), tmp_path / 's1', 29529)
+        torchrun('train_stage1.py', INAT1, common + inat_json_lists(imagenet_lt_root), tmp_path / 's1')
     else:
-        torchrun('train_stage2.py', PLACES2, places_stage1['common'], tmp_path / 's2', 29530,
+        torchrun('train_stage2.py', PLACES2, places_stage1['common'], tmp_path / 's2',
                  'resume', f'{places_stage1["run"]}/ckps/current.pth.tar')
 
 
+@pytest.mark.slow
 def test_places_trains_only_the_new_last_block_of_a_pretrained_resnet152(places_stage1, tmp_path):
     from models import BACKBONES
     stage1 = torch.load(f'{places_stage1["run"]}/ckps/current.pth.tar', weights_only=True)['state_dict_model']
@@ -261,23 +265,11 @@ def test_places_trains_only_the_new_last_block_of_a_pretrained_resnet152(places_
 
 
 # -- bad input: one line, exit 2, nothing written ---------------------------------------------------------
-def bad(*args, tmp_path, match, config=IMAGENET1, capsys=None):
-    """The command's error, as `python train_stage1.py ...` gives it (in-process where capsys is given:
-    run_cli is what the script's __main__ runs, without the seconds of a new interpreter)."""
+def bad(*args, tmp_path, match, config=IMAGENET1):
+    """The command's error, as `python train_stage1.py ...` gives it (in this process, through the script's main)."""
     save = tmp_path / 'saved'
     argv = ['--cfg', config, *TINY, 'workers', '0', 'save_dir', str(save), *args]
-    if capsys is None:
-        result = run_script('train_stage1.py', *argv)
-        code, err = result.returncode, result.stderr
-    else:
-        import train_stage1
-        from utils.errors import run_cli
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda: train_stage1.main(argv))
-        code, err = exit_info.value.code, capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), err[-2000:]
-    assert match in lines[0], lines[0]
+    assert_one_line_error(*run_main('train_stage1.py', *argv)[::2], match)
     assert not save.exists()
 
 
@@ -293,53 +285,48 @@ def test_missing_list_file(tmp_path):
     bad('data_path', str(tmp_path / 'nowhere'), tmp_path=tmp_path, match='ImageNet_LT_train.txt not found')
 
 
-def test_missing_image(imagenet_lt_root, tmp_path, capsys):
+def test_missing_image(imagenet_lt_root, tmp_path):
     args = broken_copy(imagenet_lt_root, tmp_path, lambda lines: lines + ['train/0/gone.jpg 0'])
-    bad(*args, tmp_path=tmp_path, match='1 of the 29 images', capsys=capsys)
+    bad(*args, tmp_path=tmp_path, match='1 of the 29 images')
 
 
-def test_label_out_of_range(imagenet_lt_root, tmp_path, capsys):
+def test_label_out_of_range(imagenet_lt_root, tmp_path):
     args = broken_copy(imagenet_lt_root, tmp_path, lambda lines: lines[:-1] + [lines[-1].split()[0] + ' 5'])
-    bad(*args, tmp_path=tmp_path, match='label 5 is outside 0..4', capsys=capsys)
+    bad(*args, tmp_path=tmp_path, match='label 5 is outside 0..4')
 
 
-def test_empty_class(imagenet_lt_root, tmp_path, capsys):
+def test_empty_class(imagenet_lt_root, tmp_path):
     args = broken_copy(imagenet_lt_root, tmp_path, lambda lines: [x for x in lines if not x.endswith(' 3')])
-    bad(*args, tmp_path=tmp_path, match='has no image of class 3', capsys=capsys)
+    bad(*args, tmp_path=tmp_path, match='has no image of class 3')
 
 
-def test_malformed_line(imagenet_lt_root, tmp_path, capsys):
+def test_malformed_line(imagenet_lt_root, tmp_path):
     args = broken_copy(imagenet_lt_root, tmp_path, lambda lines: lines + ['train/0/0.jpg'])
-    bad(*args, tmp_path=tmp_path, match='train.txt:29: expected "<image path> <label>"', capsys=capsys)
+    bad(*args, tmp_path=tmp_path, match='train.txt:29: expected "<image path> <label>"')
 
 
-def test_missing_pretrained_weights(imagenet_lt_root, tmp_path, capsys):
+def test_missing_pretrained_weights(imagenet_lt_root, tmp_path):
     bad('data_path', imagenet_lt_root, 'backbone', 'resnet152_places_fe', 'pretrained', str(tmp_path / 'r152.pth'),
-        tmp_path=tmp_path, match='r152.pth not found', config=PLACES1, capsys=capsys)
+        tmp_path=tmp_path, match='r152.pth not found', config=PLACES1)
 
 
-def test_places_backbone_without_pretrained_weights(imagenet_lt_root, tmp_path, capsys):
+def test_places_backbone_without_pretrained_weights(imagenet_lt_root, tmp_path):
     bad('data_path', imagenet_lt_root, 'backbone', 'resnet152_places_fe', 'pretrained', '', tmp_path=tmp_path,
-        match='set pretrained', config=PLACES1, capsys=capsys)
+        match='set pretrained', config=PLACES1)
 
 
-def test_an_unreadable_image_met_by_a_worker_is_one_line(imagenet_lt_root, tmp_path, capsys):
+def test_an_unreadable_image_met_by_a_worker_is_one_line(imagenet_lt_root, tmp_path):
     import shutil
-    import train_stage1
-    from utils.errors import run_cli
     root = tmp_path / 'copy'
     shutil.copytree(imagenet_lt_root, root)
     (root / 'train' / '2' / '0.jpg').write_bytes(b'not a jpeg')
     argv = ['--cfg', IMAGENET1, 'data_path', str(root), *TINY, 'workers', '1', 'save_dir', str(tmp_path / 'saved')]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_stage1.main(argv))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith('error: cannot decode image') and 'train/2/0.jpg' in lines[0]
+    line = assert_one_line_error(*run_main('train_stage1.py', *argv)[::2], 'error: cannot decode image')
+    assert 'train/2/0.jpg' in line
 
 
-def test_pretrained_weights_of_another_network(imagenet_lt_root, tmp_path, capsys):
+def test_pretrained_weights_of_another_network(imagenet_lt_root, tmp_path):
     from torchvision.models import resnet18
     torch.save(resnet18().state_dict(), tmp_path / 'r18.pth')
     bad('data_path', imagenet_lt_root, 'pretrained', str(tmp_path / 'r18.pth'), tmp_path=tmp_path,
-        match='do not fit this backbone', capsys=capsys)
+        match='do not fit this backbone')

@@ -1,3 +1,6 @@
+"""H2T channel fusion and mixup (methods.py) against what they must do to a batch."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -67,7 +70,9 @@ def test_mixup_mixes_with_one_lambda_and_a_permutation():
     assert 0 <= lam <= 1
     assert torch.equal(y_a, y)
     assert sorted(y_b.tolist()) == list(range(6))  # a permutation of the batch
-    assert torch.allclose(mixed, lam * x + (1 - lam) * x[y_b])  # x[i] == i, so x[perm] == x[y_b]
+    # row i of x is i everywhere, so a mixed row is lam * i + (1 - lam) * (its partner's index)
+    expected = (lam * y + (1 - lam) * y_b).float()[:, None].expand(6, 3)
+    assert torch.allclose(mixed, expected)
 
 
 def test_mixup_lambda_is_beta_1_1():
@@ -78,7 +83,10 @@ def test_mixup_lambda_is_beta_1_1():
 
 
 def test_mixup_criterion_weights_the_two_targets():
-    logits = torch.randn(5, 3)
-    ya, yb = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([2, 2, 1, 1, 0])
-    loss = mixup_criterion(cross_entropy, logits, ya, yb, 0.3)
-    assert torch.allclose(loss, 0.3 * cross_entropy(logits, ya) + 0.7 * cross_entropy(logits, yb))
+    logits = torch.tensor([[2.0, 0, 0], [0, 1.0, 0]])
+    ya, yb = torch.tensor([0, 1]), torch.tensor([1, 0])
+    # -log softmax: [2, 0, 0] gives a = log(1 + 2 e^-2) at class 0 and 2 + a at class 1;
+    # [0, 1, 0] gives b = log(1 + 2 / e) at class 1 and 1 + b at class 0
+    a, b = math.log(1 + 2 * math.exp(-2)), math.log(1 + 2 / math.e)
+    expected = 0.3 * (a + b) / 2 + 0.7 * ((2 + a) + (1 + b)) / 2
+    assert mixup_criterion(cross_entropy, logits, ya, yb, 0.3).item() == pytest.approx(expected, rel=1e-6)

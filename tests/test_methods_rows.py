@@ -2,6 +2,7 @@
 LDAM-DRW, each config loading and each method running end to end through scripts/reproduce.sh."""
 import csv
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -9,10 +10,10 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import train_stage2
-from conftest import ROOT
-from test_sturdy import args, only_run
+from conftest import ROOT, args, assert_one_line_error, only_run, run_main
 from utils.config import load_config
 
 METHOD_CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config/*/*_mislas*.yaml')) +
@@ -33,12 +34,13 @@ def test_every_method_config_is_shipped_and_loads():
         else:
             assert cfg.loss.type == 'LDAMLoss' and cfg.use_norm
     mislas = load_config(os.path.join(ROOT, 'config/cifar100/cifar100_imb001_stage2_mislas.yaml'))
-    assert (mislas.smooth_head, mislas.smooth_tail, mislas.lr_scheduler.lr_factor, mislas.shift_bn) == (0.4, 0.1, 0.2, True)
+    settings = (mislas.smooth_head, mislas.smooth_tail, mislas.lr_scheduler.lr_factor, mislas.shift_bn)
+    assert settings == (0.4, 0.1, 0.2, True)
     ldam = load_config(os.path.join(ROOT, 'config/cifar100/cifar100_imb001_stage1_ldam_drw.yaml'))
     assert (ldam.loss.LDAM.reweight_epoch, ldam.lr_scheduler.gamma, ldam.mixup) == (159, 0.01, False)
 
 
-def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, stage1_checkpoint, tmp_path):
+def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, stage1_checkpoint, tmp_path, monkeypatch):
     mislas = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_mislas.yaml')
     lrs = []
     import utils.engine as engine
@@ -47,24 +49,22 @@ def test_lws_starts_at_one_learns_at_the_full_lr_and_is_saved(cifar10_root, stag
     def spy(exp, loader, optimizer, *a, **kw):
         lrs.append([g['lr'] for g in optimizer.param_groups])
         return real(exp, loader, optimizer, *a, **kw)
-    engine.train_one_epoch = spy
-    try:
-        train_stage2.main(args(mislas, cifar10_root, tmp_path / 's2', 'num_epochs', '2', 'resume', stage1_checkpoint))
-    finally:
-        engine.train_one_epoch = real
+    monkeypatch.setattr(engine, 'train_one_epoch', spy)
+    train_stage2.main(args(mislas, cifar10_root, tmp_path / 's2', 'num_epochs', '2', 'resume', stage1_checkpoint))
+    monkeypatch.undo()
     # epoch 0: cosine lr 0.1, the classifier at lr_factor 0.5 of it, the scale at all of it (MiSLAS)
     assert lrs[0] == pytest.approx([0.05, 0.1]) and lrs[1] == pytest.approx([0.025, 0.05])
     state = torch.load(f'{only_run(tmp_path / "s2")}/ckps/current.pth.tar', weights_only=True)
     scale = state['state_dict_classifier']['lws.learned_norm']
     assert scale.shape == (1, 10) and not torch.equal(scale, torch.ones(1, 10))
     # a checkpoint with a learned scale does not fit a config without one
-    from conftest import run_script
     plain = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml')
-    result = run_script('eval.py', '--cfg', plain, 'data_path', cifar10_root, 'resume',
-                        f'{only_run(tmp_path / "s2")}/ckps/current.pth.tar')
-    assert result.returncode == 2 and 'lws.learned_norm' in result.stderr
+    code, _, err = run_main('eval.py', '--cfg', plain, 'data_path', cifar10_root, 'resume',
+                            f'{only_run(tmp_path / "s2")}/ckps/current.pth.tar')
+    assert_one_line_error(code, err, 'lws.learned_norm')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['mislas', 'ldam_drw'])
 def test_reproduce_runs_a_method_row(method, cifar10_root, stage1_checkpoint, tmp_path):
     """LDAM-DRW trains its own stage 1; the MiSLAS row starts from a given CE + mixup checkpoint
@@ -88,4 +88,10 @@ def test_reproduce_runs_a_method_row(method, cifar10_root, stage1_checkpoint, tm
     else:
         assert [(r['stage'], r['rho']) for r in rows] == [('stage1', '')] + stage2
         assert rows[0]['run'] == 'cifar10_imb001_stage1_ldam_drw'
+        # FROM=best (the default): stage 2 starts from the stage-1 run's model_best, the epoch of its best top-1
+        runs = json.load(open(tmp_path / 'results' / 'metrics.json'))['runs']
+        stage1 = glob.glob(str(tmp_path / 'saved' / 'cifar10_imb001_stage1_ldam_drw_2*'))[0]
+        best = f'{stage1}/ckps/model_best.pth.tar'
+        assert [yaml.safe_load(run['config'])['resume'] for run in runs[1:]] == [best, best]
+        assert torch.load(best, weights_only=True)['epoch'] == int(rows[0]['best_epoch'])
     assert rows[-2]['run'] == f'cifar10_imb001_stage2_{method}_rho0'

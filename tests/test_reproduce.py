@@ -1,3 +1,5 @@
+"""scripts/reproduce.sh and scripts/collect_results.py: a row reproduced end to end, the seed statistics, and
+their errors."""
 import csv
 import glob
 import importlib.util
@@ -11,6 +13,7 @@ import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
     tiny = f'data_path {cifar10_root} num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
     env = dict(os.environ, PYTHON=sys.executable, STAGE1_OVERRIDES=tiny, STAGE2_OVERRIDES=tiny,
@@ -88,6 +91,7 @@ def fake_run(folder, name, rho, resume, top1):
         f.write(f'H2T: {rho}\nresume: {resume}\nseed: 0\n')
 
 
+@pytest.mark.slow
 def test_collect_adds_new_runs_to_an_earlier_metrics_json(tmp_path):
     """Runs whose folders are gone (committed metrics.json) are collected again beside new ones, each keeping
     its commit; zoo weights count as best / last; a folder replaces the json's entry for the same run."""

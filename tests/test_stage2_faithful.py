@@ -11,14 +11,10 @@ import torch
 from torch.nn.functional import cross_entropy
 
 import train_stage2
-from conftest import ROOT, run_script
+from conftest import ROOT, STAGE2, args, only_run, stage_loss
 from models import Classifier, resnet32_fe
-from test_sturdy import STAGE1, STAGE2, args, only_run
 from test_training import DualBatches, stage2_cfg
-from utils.engine import stage2_loss
-from utils.setup import Experiment
 
-CPU = torch.device('cpu')
 
 
 def stage2_state(cifar10_root, ckpt, save, *extra):
@@ -48,18 +44,6 @@ def test_h2t_runs_the_instance_branch_through_the_backbone(cifar10_root, stage1_
     assert fused['state_dict_model']['bn1.num_batches_tracked'].item() == start + 2 * 16
 
 
-@pytest.mark.parametrize('stage_args', [
-    ('train_stage2.py', STAGE2, 'H2T', '0.25', 'sampler.dual_sample.enable', 'False', 'resume', 'x.pth.tar'),
-    ('train_stage1.py', STAGE1, 'H2T', '0.25')])
-def test_h2t_that_would_be_ignored_is_refused(stage_args, tmp_path):
-    script, cfg, *extra = stage_args
-    result = run_script(script, '--cfg', cfg, 'save_dir', str(tmp_path / 's'), *extra)
-    assert result.returncode == 2 and result.stderr.count('\n') == 1, result.stderr[-2000:]
-    assert result.stderr.startswith('error: H2T 0.25 ')
-    assert ('sampler.dual_sample.enable True' if script == 'train_stage2.py' else 'stage-2 method') in result.stderr
-    assert not os.path.exists(tmp_path / 's')
-
-
 def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion():
     """The authors' order: mixup_data on the balanced images (np.random.beta, then torch.randperm),
     both branches through the backbone, H2T's channel draw, then lam * CE(y_a) + (1 - lam) * CE(y_b)."""
@@ -70,9 +54,7 @@ def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion()
     cfg.mixup = True
     np.random.seed(3)
     torch.manual_seed(3)
-    exp = Experiment(cfg=cfg, device=CPU, precision='fp32', backbone=backbone, classifier=classifier,
-                     criterion=cross_entropy)
-    loss, _, y = stage2_loss(exp, (x1, y1, x2, y2))
+    loss, _, y = stage_loss(backbone, classifier, (x1, y1, x2, y2), cfg, cross_entropy)
     np.random.seed(3)
     torch.manual_seed(3)
     lam = np.random.beta(1.0, 1.0)
@@ -89,7 +71,7 @@ def test_stage2_mixup_mixes_the_balanced_images_before_the_backbone_and_fusion()
     cfg.mixup = False
     np.random.seed(3)
     torch.manual_seed(3)
-    plain, _, _ = stage2_loss(exp, (x1, y1, x2, y2))
+    plain, _, _ = stage_loss(backbone, classifier, (x1, y1, x2, y2), cfg, cross_entropy)
     assert abs(plain.item() - loss.item()) > 1e-3
 
 
@@ -111,18 +93,27 @@ def test_history_keeps_the_training_and_the_test_loss(cifar10_root, stage1_check
     assert all(h['train_loss'] != h['test_loss'] for h in history)
 
 
-def test_reproduce_uses_the_interpreter_it_is_given(tmp_path):
-    """A `python` first on PATH that is not the one running the tests must not be used."""
+@pytest.mark.slow
+def test_reproduce_uses_the_interpreter_it_is_given(cifar10_root, stage1_checkpoint, tmp_path):
+    """A `python` first on PATH that is not the one running the tests must not be used: with a real stage-1
+    checkpoint, the interpreter given evaluates it (its eval.json appears beside it) and starts stage 2, whose
+    config error (num_epochs 0) ends the script."""
+    import shutil
+    import subprocess
+    import sys
     fake = tmp_path / 'bin'
     fake.mkdir()
     (fake / 'python').write_text('#!/bin/sh\necho "wrong python" >&2\nexit 97\n')
     (fake / 'python').chmod(0o755)
-    import subprocess
-    import sys
-    env = dict(os.environ, PATH=f'{fake}:{os.environ["PATH"]}', PYTHON=sys.executable,
-               STAGE1_CKPT=str(tmp_path / 'missing.pth.tar'))
+    ckpt = tmp_path / 'weights' / 'stage1_ce_mixup_best.pth.tar'
+    ckpt.parent.mkdir()
+    shutil.copy(stage1_checkpoint, ckpt)
+    tiny = f'data_path {cifar10_root} batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False device cpu'
+    env = dict(os.environ, PATH=f'{fake}:{os.environ["PATH"]}', PYTHON=sys.executable, STAGE1_CKPT=str(ckpt),
+               STAGE1_OVERRIDES=tiny, STAGE2_OVERRIDES=f'{tiny} num_epochs 0', SAVE_DIR=str(tmp_path / 'saved'),
+               RESULTS=str(tmp_path / 'results'))
     result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0'], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
-    # the real interpreter ran eval.py, which names the missing checkpoint
     assert 'wrong python' not in result.stderr
-    assert result.returncode == 2 and 'missing.pth.tar not found' in result.stderr
+    assert json.load(open(tmp_path / 'weights' / 'stage1_ce_mixup_best.eval.json'))['checkpoint_epoch'] == 1
+    assert result.returncode == 2 and result.stderr.endswith('error: num_epochs 0 must be at least 1\n'), result.stderr

@@ -1,22 +1,19 @@
-"""LR schedules and what each stage's step does to the model."""
-import logging
+"""LR schedules and what each stage's step does to the model: stage 2's frozen backbone, BN statistics and labels,
+stage 1's mixup, and the compiled step."""
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch.nn.functional import cross_entropy
 
-from models import Classifier, ResNet_fe, resnet32_fe
-from utils.config import get_default_config
-from utils.engine import learning_rate, make_optimizer, stage2_loss, train_one_epoch, train_step
+from conftest import STAGE1, STAGE2, make_stage_optimizer, one_train_epoch, one_train_step, stage_loss
+from models import Classifier, ResNet_fe, build_model, resnet32_fe
+from utils.config import get_default_config, load_config
+from utils.engine import learning_rate
 from utils.runtime import compile_in_place
 from utils.setup import Experiment
 
-CPU = torch.device('cpu')
 
 
 def test_stage1_warmup_then_steps():
@@ -41,7 +38,8 @@ class DualBatches:
     def __init__(self, steps=3, batch=16, num_classes=10):
         g = torch.Generator().manual_seed(0)
         self.batches = [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(num_classes, (batch,), generator=g),
-                         torch.randn(batch, 3, 32, 32, generator=g) * 2 + 1, torch.randint(num_classes, (batch,), generator=g))
+                         torch.randn(batch, 3, 32, 32, generator=g) * 2 + 1,
+                         torch.randint(num_classes, (batch,), generator=g))
                         for _ in range(steps)]
 
     def __len__(self):
@@ -58,15 +56,17 @@ def stage2_cfg(shift_bn, rho=0.25):
 
 
 def run_stage2(shift_bn):
+    """Three steps of stage 2 (an epoch of DualBatches) on the model and optimizer the script builds."""
     torch.manual_seed(0)
-    backbone, classifier = resnet32_fe(), Classifier(64, 10)
-    backbone.requires_grad_(False)
+    cfg = load_config(STAGE2, ['shift_bn', str(shift_bn)])
+    backbone, classifier = build_model(cfg)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     fc_before = classifier.fc.weight.clone()
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    exp = Experiment(cfg=stage2_cfg(shift_bn), device=CPU, precision='fp32', backbone=backbone, classifier=classifier,
-                     criterion=cross_entropy, logger=logging.getLogger('test'))
-    train_one_epoch(exp, DualBatches(), optimizer, 0)
+    optimizer = make_stage_optimizer(backbone, classifier, cfg)
+    # what stage 2 optimises: the classifier's parameters, nothing of the (frozen) backbone
+    assert {id(p) for g in optimizer.param_groups for p in g['params']} == {id(p) for p in classifier.parameters()}
+    assert not any(p.requires_grad for p in backbone.parameters())
+    one_train_epoch(backbone, classifier, DualBatches(), optimizer, cfg, cross_entropy)
     after = backbone.state_dict()
     return before, after, fc_before, classifier.fc.weight
 
@@ -92,9 +92,7 @@ def test_stage2_labels_come_from_the_fused_branch(shift_bn):
     torch.manual_seed(0)
     backbone, classifier = resnet32_fe().train(shift_bn), Classifier(64, 10)
     x1, y1, x2, y2 = DualBatches(steps=1).batches[0]
-    exp = Experiment(cfg=stage2_cfg(shift_bn, rho=0.0), device=CPU, precision='fp32', backbone=backbone,
-                     classifier=classifier, criterion=cross_entropy)
-    loss, _, y = stage2_loss(exp, (x1, y1, x2, y2))
+    loss, _, y = stage_loss(backbone, classifier, (x1, y1, x2, y2), stage2_cfg(shift_bn, rho=0.0), cross_entropy)
     assert torch.equal(y, y1)
     with torch.no_grad():
         expected = cross_entropy(classifier(backbone(x1)), y1)
@@ -108,11 +106,13 @@ def test_one_pass_equals_two_passes_in_eval_mode():
     x1, _, x2, _ = DualBatches(steps=1).batches[0]
     with torch.no_grad():
         joint = backbone(torch.cat([x1, x2]))
-        assert torch.allclose(joint[:16], backbone(x1), atol=1e-5) and torch.allclose(joint[16:], backbone(x2), atol=1e-5)
+        assert torch.allclose(joint[:16], backbone(x1), atol=1e-5)
+        assert torch.allclose(joint[16:], backbone(x2), atol=1e-5)
         backbone.train()
         assert not torch.allclose(backbone(torch.cat([x1, x2]))[:16], backbone(x1), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_compiled_stage1_step_matches_eager():
     """The stage-1 configs compile the model: two CE + mixup steps of the compiled model give the
     eager steps' loss, logits, weights and BN running statistics. The net is ResNet-32's blocks, one a
@@ -130,12 +130,10 @@ def test_compiled_stage1_step_matches_eager():
         classifier = Classifier(64, 10).double().train()
         if name == 'compiled':
             compile_in_place(backbone, classifier)  # as the training scripts compile
-        optimizer = make_optimizer(backbone, classifier, cfg)
-        exp = Experiment(cfg=cfg, device=CPU, precision='fp32', backbone=backbone, classifier=classifier,
-                         criterion=cross_entropy)
+        optimizer = make_stage_optimizer(backbone, classifier, cfg)
         torch.manual_seed(1)  # the same mixup lam and permutation
         np.random.seed(1)
-        losses = [train_step(exp, (x, y), optimizer)[:2]
+        losses = [one_train_step(backbone, classifier, (x, y), optimizer, cfg, cross_entropy)[:2]
                   for _ in range(2)]  # the second step reuses the compiled graph, with momentum
         results[name] = (losses, backbone.state_dict(), classifier.state_dict())
     (steps_e, bb_e, cl_e), (steps_c, bb_c, cl_c) = results['eager'], results['compiled']
@@ -148,32 +146,29 @@ def test_compiled_stage1_step_matches_eager():
     torch.testing.assert_close(cl_c['fc.weight'], cl_e['fc.weight'], rtol=1e-7, atol=1e-9)
 
 
-FAULTS_PER_ROUND = r'''
-import resource, sys, torch
-import torch.nn.functional as F
-sys.path.insert(0, sys.argv[1])
-if sys.argv[2] == 'keep':
-    from utils.runtime import keep_freed_memory
-    assert keep_freed_memory()
-x = torch.randn(256, 16, 32, 32).contiguous(memory_format=torch.channels_last)
-w = torch.randn(16, 16, 3, 3)
-def one_round():  # a stack of conv + ReLU: 16 MiB blocks allocated and freed, as in a forward pass
-    y = x
-    for _ in range(6):
-        y = F.relu(F.conv2d(y, w, padding=1))
-for _ in range(2):
-    one_round()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    one_round()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
-'''
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
-def test_kept_freed_memory_is_reused_without_page_faults():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {mode: int(subprocess.run([sys.executable, '-c', FAULTS_PER_ROUND, root, mode], capture_output=True,
-                                       text=True, check=True).stdout) for mode in ('default', 'keep')}
-    assert faults['default'] > 5000  # each round maps its blocks afresh: the cost keep_freed_memory removes
-    assert faults['keep'] < faults['default'] / 20
+@pytest.mark.parametrize('alpha', [0.2, 1.0])
+def test_stage1_mixes_with_the_configs_alpha_in_the_authors_order(alpha):
+    """One stage-1 batch against the authors' order: lam ~ Beta(alpha, alpha) from numpy, then torch.randperm,
+    x = lam x + (1 - lam) x[perm] through backbone and classifier, lam CE(y) + (1 - lam) CE(y[perm])."""
+    cfg = load_config(STAGE1, ['alpha', str(alpha)])
+    torch.manual_seed(0)
+    backbone, classifier = build_model(cfg)
+    x, y = DualBatches(steps=1).batches[0][:2]
+    np.random.seed(3)
+    torch.manual_seed(3)
+    loss, _, labels = stage_loss(backbone, classifier, (x, y), cfg, cross_entropy)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    lam = np.random.beta(alpha, alpha)
+    perm = torch.randperm(len(y))
+    with torch.no_grad():
+        out = classifier(backbone(lam * x + (1 - lam) * x[perm]))
+    expected = lam * cross_entropy(out, y) + (1 - lam) * cross_entropy(out, y[perm])
+    assert 0.01 < lam < 0.99 and torch.equal(labels, y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # mixup False: plain CE of the batch itself
+    cfg = load_config(STAGE1, ['mixup', 'False'])
+    plain, _, _ = stage_loss(backbone, classifier, (x, y), cfg, cross_entropy)
+    with torch.no_grad():
+        assert plain.item() == pytest.approx(cross_entropy(classifier(backbone(x)), y).item(), rel=1e-5)
+    assert abs(plain.item() - loss.item()) > 1e-3

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from datasets import build_data
 from loss import build_loss
@@ -69,6 +70,7 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
         if ckpt.get('mode') != stage or 'rng' not in ckpt or 'optimizer' not in ckpt:
             raise UserError(f'{cfg.resume} holds no {stage} training state to continue; auto_resume takes the '
                             f'ckps/current.pth.tar of a {stage} run of this project')
+        check_resume_config(cfg, ckpt)
         if ckpt['epoch'] >= cfg.num_epochs:
             raise UserError(f'{cfg.resume} has finished all {ckpt["epoch"]} epochs; raise num_epochs to train longer')
         resume_state = ckpt
@@ -98,3 +100,36 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
     logger = get_logger(log_file, quiet=not distributed.is_main())
     return Experiment(cfg=cfg, device=device, precision=precision, backbone=backbone, classifier=classifier,
                       criterion=criterion, data=data, ckpt=ckpt, resume_state=resume_state, run=run, logger=logger)
+
+
+# What a run computes depends on these keys (the sub-keys of loss, sampler and lr_scheduler included): a run
+# continued under another value of one would be two runs recorded as one. num_epochs may grow: that is how a
+# finished run trains longer.
+RESUME_KEYS = ('dataset', 'num_classes', 'imb_type', 'imb_factor', 'data_loader', 'backbone', 'classifier',
+               'use_norm', 'lws', 'loss', 'smooth_head', 'smooth_tail', 'sampler', 'mode', 'H2T', 'mixup', 'alpha',
+               'shift_bn', 'lr', 'lr_scheduler', 'batch_size', 'weight_decay', 'momentum', 'seed', 'precision')
+
+
+def check_resume_config(cfg, ckpt):
+    """auto_resume continues a run under the config it started with: the first of RESUME_KEYS whose value differs
+    from the one in the checkpoint's stored config is a UserError naming it."""
+    if not ckpt.get('config'):
+        return
+    saved = yaml.safe_load(ckpt['config'])
+
+    missing = object()  # a key added to the project after the checkpoint was written: its default applies
+
+    def leaves(ours, theirs, key):
+        if isinstance(ours, dict):
+            for sub in ours:
+                yield from leaves(ours[sub], theirs.get(sub, missing) if isinstance(theirs, dict) else missing,
+                                  f'{key}.{sub}')
+        elif theirs is not missing:
+            yield key, ours, theirs
+
+    for top in RESUME_KEYS:
+        for key, ours, theirs in leaves(cfg[top], saved.get(top, missing), top):
+            if (list(ours) if isinstance(ours, (list, tuple)) else ours) != theirs:
+                raise UserError(f'{cfg.resume} was trained with {key} {theirs}, not {ours}; auto_resume continues a '
+                                f'run with its own config (only num_epochs may change): drop the change, or start a '
+                                f'new run without auto_resume')
