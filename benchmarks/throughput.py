@@ -1,6 +1,6 @@
 """Training throughput: the authors' data path against this project's fast path, in one process.
 
-    python benchmarks/throughput.py [--data-path data/cifar10] [--steps 20] [--repeats 5]
+    python -m benchmarks.throughput [--data-path data/cifar10] [--steps 20] [--repeats 5]
 
 (a) reference style: PIL transforms in a DataLoader (workers 0), fp32, NCHW, as the authors run it;
 (b) fast path: data on the device, batched crop/flip, channels_last, precision 'auto', and
@@ -18,15 +18,13 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.engine import make_optimizer, set_train_mode, train_step  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.setup import prepare  # noqa: E402
+from utils.engine import make_optimizer, set_train_mode, train_step
+from utils.errors import run_cli
+from utils.setup import prepare
 
 CONFIGS = {'stage1': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',
            'stage2': 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'}

@@ -97,4 +97,4 @@ done
 runs=()
 [ ! -f "$run1/summary.json" ] || runs+=("$run1")  # model-zoo weights have no stage-1 run to collect
 for n in "${names[@]}"; do runs+=("$(newest_run "$n")"); done
-"$py" scripts/collect_results.py --out "$results" "${runs[@]}"
+"$py" -m scripts.collect_results --out "$results" "${runs[@]}"

@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,9 +94,10 @@ def test_eval_loads_dataparallel_checkpoints(pipeline, tmp_path):
 
 
 def test_model_zoo_weights_reproduce_the_checkpoints_figures(pipeline, tmp_path):
-    """export_weights.py: fp32 weights under the authors' keys only, small, and eval.py gives the same metrics."""
+    """scripts.export_weights: fp32 weights under the authors' keys only, small, and eval.py gives the same metrics."""
     out = tmp_path / 'zoo' / 'weights' / 'stage2.pth.tar'
-    ok(run_script('scripts/export_weights.py', f"{pipeline['run2']}/ckps/model_best.pth.tar", str(out)))
+    ok(subprocess.run([sys.executable, '-m', 'scripts.export_weights', f"{pipeline['run2']}/ckps/model_best.pth.tar",
+                       str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600))
     zoo = torch.load(out, weights_only=True)
     assert set(zoo) == {'epoch', 'state_dict_model', 'state_dict_classifier', 'best_acc1', 'its_ece'}
     assert all(v.dtype in (torch.float32, torch.int64) for part in ('state_dict_model', 'state_dict_classifier')
