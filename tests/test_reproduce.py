@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from utils.config import load_config
 
 
 def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
@@ -43,10 +44,8 @@ def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
 
 
 def load_collect():
-    spec = importlib.util.spec_from_file_location('collect_results', os.path.join(ROOT, 'scripts/collect_results.py'))
-    collect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect)
-    return collect
+    from scripts import collect_results
+    return collect_results
 
 
 def test_seed_statistics_pair_each_seed_with_its_own_rho0_run():
@@ -78,14 +77,18 @@ def fake_run(folder, name, rho, resume, top1):
     """A stage-2 run folder as train_stage2.py leaves it, as far as collect_results reads it."""
     os.makedirs(folder)
     metrics = {'top1': top1, 'top5': 90.0, 'many': top1 + 5, 'medium': top1, 'few': top1 - 5, 'ece': 0.02,
-               'test_loss': 1.0, 'per_class_acc': [top1] * 10}
+               'test_loss': 1.0, 'per_class_acc': [top1] * 10,
+               'reliability': {'count': [0] * 14 + [100], 'accuracy': [0.0] * 14 + [top1 / 100],
+                               'confidence': [0.0] * 14 + [0.98]}}
     summary = {'name': name, 'stage': 'stage2', 'dataset': 'cifar10', 'imb_factor': 0.01, 'H2T': rho, 'epochs': 1,
                'wall_time_s': 1.0, 'best_epoch': 1, 'best': metrics, 'last': metrics,
                'history': [dict(metrics, epoch=1, lr=0.1, train_loss=1.5)]}
     with open(os.path.join(folder, 'summary.json'), 'w') as f:
         json.dump(summary, f)
+    cfg = load_config(os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'),
+                      ['H2T', str(rho), 'resume', resume])
     with open(os.path.join(folder, 'config.yaml'), 'w') as f:
-        f.write(f'H2T: {rho}\nresume: {resume}\nseed: 0\n')
+        f.write(cfg.dump())  # the whole config, as train_stage2.py writes it
 
 
 def test_collect_adds_new_runs_to_an_earlier_metrics_json(tmp_path):
@@ -103,14 +106,14 @@ def test_collect_adds_new_runs_to_an_earlier_metrics_json(tmp_path):
         ('rho0', 'best', 'abc123'), ('rho0.5', 'best', 'def456'), ('fromlast_rho0', 'last', 'def456')]
     again = collect.load_inputs([str(earlier), str(tmp_path / 'old')], 'def456')
     assert [(r['name'], r['commit']) for r in again] == [('rho0', 'def456')]
-    result = subprocess.run([sys.executable, 'scripts/collect_results.py', '--out', str(tmp_path / 'out'), '--commit',
+    result = subprocess.run([sys.executable, '-m', 'scripts.collect_results', '--out', str(tmp_path / 'out'), '--commit',
                              'def456', str(earlier), str(tmp_path / 'new')], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr  # no stage-1 run: the plots that need one are left out
     rows = list(csv.DictReader(open(tmp_path / 'out' / 'metrics.csv')))
     assert [(r['run'], r['commit']) for r in rows] == [('rho0', 'abc123'), ('rho0.5', 'def456')]
     stats = {row['rho']: row for row in csv.DictReader(open(tmp_path / 'out' / 'seeds.csv'))}
     assert float(stats['0.5']['best_gain_mean']) == pytest.approx(2.0)
-    bad = subprocess.run([sys.executable, 'scripts/collect_results.py', '--out', str(tmp_path / 'o2'),
+    bad = subprocess.run([sys.executable, '-m', 'scripts.collect_results', '--out', str(tmp_path / 'o2'),
                           str(tmp_path / 'missing')], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith('error: ') and 'neither a run folder' in bad.stderr
     assert not (tmp_path / 'o2').exists()
