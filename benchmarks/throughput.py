@@ -115,7 +115,8 @@ def main():
         speedups[stage] = statistics.median(ratios), min(ratios), max(ratios)
         del paths
     for stage, (median, low, high) in speedups.items():
-        print(f'{stage} speed-up fast/reference: {median:.2f}x (median of per-round ratios; rounds {low:.2f}-{high:.2f}x)')
+        print(f'{stage} speed-up fast/reference: {median:.2f}x '
+              f'(median of per-round ratios; rounds {low:.2f}-{high:.2f}x)')
 
 
 if __name__ == '__main__':

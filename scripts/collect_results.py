@@ -1,7 +1,8 @@
 """Gather the runs of one reproduction into small committed files, and draw the plots.
 
     python -m scripts.collect_results --out results/cifar10_imb001 saved/<stage1 run> saved/<stage2 run> ...
-    python -m scripts.collect_results --out results/cifar100_imb001 results/cifar100_imb001/metrics.json saved/<new run> ...
+    python -m scripts.collect_results --out results/cifar100_imb001 results/cifar100_imb001/metrics.json \
+        saved/<new run> ...
 
 Each input is a run folder or a metrics.json written here before (its runs are taken as they are, so
 runs whose folders are gone can be collected again with new ones; a folder replaces the entry of the
@@ -19,6 +20,11 @@ reliability.png (the H2T checkpoint's reliability diagram). Stage-2 runs are tol
 and the stage-1 checkpoint they start from (`from`: best = model_best, last = the last epoch); with
 several seeds, seeds.csv gives per (from, rho) the mean and spread of top-1 and of the gain over rho 0
 of the same seed.
+
+    python -m scripts.collect_results --table saved/table/results/*
+
+prints the best-epoch top-1 of several results folders as one markdown table (stage 1; each rho as the mean
+± sd over seeds).
 """
 import argparse
 import csv
@@ -120,7 +126,8 @@ def seed_statistics(runs):
         row = {'from': start, 'rho': rho, 'seeds': ' '.join(str(r['seed']) for r in group)}
         for which in ('best', 'last'):
             row.update(spread(f'{which}_top1', [r[which]['top1'] for r in group]))
-            gains = [r[which]['top1'] - base[start, r['seed']][which]['top1'] for r in group if (start, r['seed']) in base]
+            gains = [r[which]['top1'] - base[start, r['seed']][which]['top1'] for r in group
+                     if (start, r['seed']) in base]
             if rho != 0 and gains:
                 row.update(spread(f'{which}_gain', gains))
         rows.append(row)
@@ -128,10 +135,15 @@ def seed_statistics(runs):
 
 
 def spread(name, values):
-    mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return {f'{name}_mean': round(mean, 3), f'{name}_sd': round(sd, 3), f'{name}_min': round(min(values), 3),
-            f'{name}_max': round(max(values), 3)}
+    return {f'{name}_mean': round(mean(values), 3), f'{name}_sd': round(sd(values), 3),
+            f'{name}_min': round(min(values), 3), f'{name}_max': round(max(values), 3)}
+
+
+def sd(values):
+    """Sample standard deviation (n - 1); 0 for one value."""
+    if len(values) < 2:
+        return 0.0
+    return (sum((v - mean(values)) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def training_counts(run):
@@ -289,7 +301,8 @@ def plot_curves(plt, stage1, groups, out):
             per_epoch = list(zip(*[[h['top1'] for h in r['history']] for r in group]))
             style = '-' if start == 'best' else '--'
             ax.plot(epochs, [mean(v) for v in per_epoch], style, color=color, marker='o', ms=2.5,
-                    lw=2 if len(group) > 1 else 1, label=f"rho {rho:g}{'' if start == 'best' else ', from ' + start} ({seeds_label(group)})")
+                    lw=2 if len(group) > 1 else 1,
+                    label=f"rho {rho:g}{'' if start == 'best' else ', from ' + start} ({seeds_label(group)})")
             if len(group) > 1:
                 ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=color,
                                 alpha=0.2, lw=0)
@@ -321,12 +334,47 @@ def plot_reliability(plt, target, out):
     plt.close(fig)
 
 
+def table(folders):
+    """A markdown table of best-epoch top-1 over the results folders written here: stage 1, then each
+    stage-2 rho as the mean ± sd over seeds (their number in brackets), a line per folder and stage-1 start."""
+    collected = {}
+    for folder in folders:
+        path = os.path.join(folder, 'metrics.json')
+        if not os.path.isfile(path):
+            print(f'error: {folder} holds no metrics.json; give results folders written by this script',
+                  file=sys.stderr)
+            sys.exit(2)
+        with open(path) as f:
+            collected[os.path.basename(os.path.normpath(folder))] = json.load(f)['runs']
+    rhos = sorted({r['H2T'] for runs in collected.values() for r in runs if r['stage'] == 'stage2'})
+    lines = ['| results | from | stage 1 | ' + ' | '.join(f'rho {rho:g}' for rho in rhos) + ' |',
+             '|---|---|---|' + '---|' * len(rhos)]
+    for name, runs in collected.items():
+        stage1 = next((f"{r['best']['top1']:.2f}" for r in runs if r['stage'] == 'stage1'), '-')
+        groups = rho_groups([r for r in runs if r['stage'] == 'stage2'])
+        for start in dict.fromkeys(start for start, _ in groups) or ['']:
+            cells = []
+            for rho in rhos:
+                top1 = [r['best']['top1'] for r in groups.get((start, rho), [])]
+                cells.append('-' if not top1 else f'{top1[0]:.2f} (1)' if len(top1) == 1 else
+                             f'{mean(top1):.2f} ± {sd(top1):.2f} ({len(top1)})')
+            lines.append(f'| {name} | {start} | {stage1} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', required=True)
+    parser.add_argument('--out', help='the results folder to write')
     parser.add_argument('--commit', help='the commit the runs were made with (default: the checkout\'s HEAD)')
+    parser.add_argument('--table', action='store_true',
+                        help='print a markdown table of the results folders given instead (top-1, mean ± sd over seeds)')
     parser.add_argument('runs', nargs='+', help='run folders (saved/<name>_<time>) and/or earlier metrics.json files')
     args = parser.parse_args()
+    if args.table:
+        print(table(args.runs))
+        return
+    if not args.out:
+        parser.error('--out is required (or --table)')
     head = git_commit()
     runs = load_inputs(args.runs, args.commit or head)
     os.makedirs(args.out, exist_ok=True)
@@ -343,7 +391,8 @@ def main():
         for r in runs:
             w.writerow([r['name'], r['stage'], r['H2T'] if r['stage'] == 'stage2' else '', r['from'], r['seed'],
                         r['epochs'], r['wall_time_s'], r['best_epoch']]
-                       + [round(r['best'][k], 4) for k in keys] + [round(r['last'][k], 4) for k in keys] + [r['commit']])
+                       + [round(r['best'][k], 4) for k in keys] + [round(r['last'][k], 4) for k in keys]
+                       + [r['commit']])
     stats = seed_statistics(runs)
     if stats:
         columns = list(dict.fromkeys(k for row in stats for k in row))

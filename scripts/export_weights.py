@@ -22,7 +22,8 @@ def weights_only(ckpt):
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return {'epoch': int(ckpt.get('epoch', 0)), 'state_dict_model': fp32(ckpt['state_dict_model']),
             'state_dict_classifier': fp32(ckpt['state_dict_classifier']),
-            'best_acc1': float(ckpt.get('best_acc1', float('nan'))), 'its_ece': float(ckpt.get('its_ece', float('nan')))}
+            'best_acc1': float(ckpt.get('best_acc1', float('nan'))),
+            'its_ece': float(ckpt.get('its_ece', float('nan')))}
 
 
 def main(argv=None):
