@@ -14,6 +14,7 @@ from conftest import ROOT
 from utils.config import load_config
 
 
+@pytest.mark.slow
 def test_reproduce_runs_a_row_and_collects_results(cifar10_root, tmp_path):
     tiny = f'data_path {cifar10_root} num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
     env = dict(os.environ, PYTHON=sys.executable, STAGE1_OVERRIDES=tiny, STAGE2_OVERRIDES=tiny,
