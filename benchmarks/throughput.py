@@ -9,7 +9,7 @@
 Both run this project's stage-1 step (CE + mixup, full backward) and stage-2 step (frozen backbone,
 two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100, after a warm-up of one epoch
 (which meets the epoch's short last batch, a second compiled shape). The two paths alternate, one
-repeat of each per round, so that a machine whose speed drifts over minutes (shared VMs) slows both
+repeat of each per round, so that a machine whose speed varies over minutes slows both
 alike; the speed-up is the median of the per-round ratios. On CPU both paths run with
 keep_freed_memory (process-wide, so it cannot differ between alternating rounds). Prints images per
 second, peak memory, and the ratio b/a last.
