@@ -1,7 +1,7 @@
 """Images per second of the list-dataset training loader alone (decode, RandomResizedCrop, flip, colour
 jitter, normalise, collate), on generated JPEGs of ImageNet's typical size, for several worker counts.
 
-    python benchmarks/loader.py [--images 1024] [--width 500 --height 375] [--workers 0 1 2] [--dir DIR]
+    python -m benchmarks.loader [--images 1024] [--width 500 --height 375] [--workers 0 1 2] [--dir DIR]
 
 A GPU needs the loader to keep up with its training step: ResNet-50 trains at roughly 1,000-3,000 images/s
 on one modern GPU, so divide that by the per-worker rate printed here for the workers a GPU needs (the
@@ -10,16 +10,14 @@ size of a natural photo at quality 90; decoding time grows with the file's pixel
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from datasets.image_list import ImageNet_LT  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from datasets.image_list import ImageNet_LT
+from utils.config import load_config
 
 CONFIG = 'config/imagenet/imagenet_lt_resnet50_stage1_ce_mixup.yaml'
 

@@ -1,6 +1,6 @@
 """Training throughput: the authors' data path against this project's fast path, in one process.
 
-    python benchmarks/throughput.py [--data-path data/cifar10] [--steps 20] [--repeats 5]
+    python -m benchmarks.throughput [--data-path data/cifar10] [--steps 20] [--repeats 5]
 
 (a) reference style: PIL transforms in a DataLoader (workers 0), fp32, NCHW, as the authors run it;
 (b) fast path: data on the device, batched crop/flip, channels_last, precision 'auto', and
@@ -9,7 +9,7 @@
 Both run this project's stage-1 step (CE + mixup, full backward) and stage-2 step (frozen backbone,
 two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100, after a warm-up of one epoch
 (which meets the epoch's short last batch, a second compiled shape). The two paths alternate, one
-repeat of each per round, so that a machine whose speed drifts over minutes (shared VMs) slows both
+repeat of each per round, so that a machine whose speed varies over minutes slows both
 alike; the speed-up is the median of the per-round ratios. On CPU both paths run with
 keep_freed_memory (process-wide, so it cannot differ between alternating rounds). Prints images per
 second, peak memory, and the ratio b/a last.
@@ -18,15 +18,13 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.engine import make_optimizer, set_train_mode, train_step  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.setup import prepare  # noqa: E402
+from utils.engine import make_optimizer, set_train_mode, train_step
+from utils.errors import run_cli
+from utils.setup import prepare
 
 CONFIGS = {'stage1': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',
            'stage2': 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'}
@@ -114,7 +112,8 @@ def main():
         speedups[stage] = statistics.median(ratios), min(ratios), max(ratios)
         del paths
     for stage, (median, low, high) in speedups.items():
-        print(f'{stage} speed-up fast/reference: {median:.2f}x (median of per-round ratios; rounds {low:.2f}-{high:.2f}x)')
+        print(f'{stage} speed-up fast/reference: {median:.2f}x '
+              f'(median of per-round ratios; rounds {low:.2f}-{high:.2f}x)')
 
 
 if __name__ == '__main__':

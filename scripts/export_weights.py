@@ -1,7 +1,7 @@
 """Write the weights of a checkpoint for the model zoo: fp32 tensors under the authors' key names, no
 optimizer, RNG or history, so that a ResNet-32 fits in about 1.9 MB and `eval.py` reproduces its figures.
 
-    python scripts/export_weights.py saved/<run>/ckps/model_best.pth.tar results/<table>/weights/<name>.pth.tar
+    python -m scripts.export_weights saved/<run>/ckps/model_best.pth.tar results/<table>/weights/<name>.pth.tar
 
 The file holds `state_dict_model`, `state_dict_classifier`, `epoch`, `best_acc1` and `its_ece`: the
 authors' checkpoint keys and parameter names, without the `module.` prefix their DataParallel models
@@ -10,13 +10,11 @@ add (this project's `resume` and `eval.py` read it; their scripts need the prefi
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import UserError, run_cli
 
 
 def weights_only(ckpt):
@@ -24,7 +22,8 @@ def weights_only(ckpt):
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return {'epoch': int(ckpt.get('epoch', 0)), 'state_dict_model': fp32(ckpt['state_dict_model']),
             'state_dict_classifier': fp32(ckpt['state_dict_classifier']),
-            'best_acc1': float(ckpt.get('best_acc1', float('nan'))), 'its_ece': float(ckpt.get('its_ece', float('nan')))}
+            'best_acc1': float(ckpt.get('best_acc1', float('nan'))),
+            'its_ece': float(ckpt.get('its_ece', float('nan')))}
 
 
 def main(argv=None):

@@ -19,6 +19,9 @@
 #   JOBS                                 stage-2 runs at a time (default 1); each parallel run logs to
 #                                        $SAVE_DIR/<run name>.log. On a GPU several share it well; on
 #                                        CPU give each OMP_NUM_THREADS=cores/JOBS
+#   CONTINUE=1                           keep what an earlier call left in SAVE_DIR: a finished stage 1 is
+#                                        reused, an unfinished one continues from its ckps/current.pth.tar,
+#                                        finished stage-2 runs (summary and eval written) are not run again
 #   SAVE_DIR (saved), RESULTS (results/<name of PREFIX>)
 #   PYTHON                               the interpreter to run (default: python on PATH)
 set -euo pipefail
@@ -34,7 +37,9 @@ case ${METHOD:-ce} in
 esac
 cfg1=${prefix}_${stage1}.yaml
 cfg2=${prefix}_${stage2}.yaml
-for f in "$cfg1" "$cfg2"; do [ -f "$f" ] || { echo "error: config $f not found; give a prefix like config/cifar10/cifar10_imb001" >&2; exit 2; }; done
+for f in "$cfg1" "$cfg2"; do
+    [ -f "$f" ] || { echo "error: config $f not found; give a prefix like config/cifar10/cifar10_imb001" >&2; exit 2; }
+done
 for from in ${FROM:-best}; do
     [[ $from == best || $from == last ]] || { echo "error: FROM takes best and/or last, not $from" >&2; exit 2; }
 done
@@ -45,16 +50,28 @@ py=${PYTHON:-python}
 export PYTHONUNBUFFERED=1
 mkdir -p "$save"
 
-newest_run() { ls -dt "$save/$1"_[0-9]*/ 2>/dev/null | head -1 | sed "s:/$::"; }  # NAME_<YYYYmmddHHMM>, not NAME_seed1_...
+# the newest run folder NAME_<YYYYmmddHHMM> (not NAME_seed1_...), or nothing
+newest_run() { { ls -dt "$save/$1"_[0-9]*/ 2>/dev/null || true; } | head -1 | sed "s:/$::"; }
 
 if [ -n "${STAGE1_CKPT:-}" ]; then
-    [ -f "$STAGE1_CKPT" ] || { echo "error: STAGE1_CKPT $STAGE1_CKPT not found; give a stage-1 checkpoint file" >&2; exit 2; }
+    [ -f "$STAGE1_CKPT" ] || {
+        echo "error: STAGE1_CKPT $STAGE1_CKPT not found; give a stage-1 checkpoint file" >&2; exit 2; }
     run1=$(dirname "$(dirname "$STAGE1_CKPT")")
     last=${STAGE1_LAST:-$(dirname "$STAGE1_CKPT")/current.pth.tar}
 else
-    echo "== stage 1: $cfg1"
-    "$py" train_stage1.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-}
-    run1=$(newest_run "${name}_${stage1}")
+    run1=''
+    [ "${CONTINUE:-0}" != 1 ] || run1=$(newest_run "${name}_${stage1}")
+    if [ -n "$run1" ] && [ -f "$run1/summary.json" ]; then
+        echo "== stage 1: kept $run1"
+    elif [ -n "$run1" ] && [ -f "$run1/ckps/current.pth.tar" ]; then
+        echo "== stage 1: continuing $run1"
+        "$py" train_stage1.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} \
+            resume "$run1/ckps/current.pth.tar" auto_resume True
+    else
+        echo "== stage 1: $cfg1"
+        "$py" train_stage1.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-}
+        run1=$(newest_run "${name}_${stage1}")
+    fi
     last=$run1/ckps/current.pth.tar
 fi
 if [[ " ${FROM:-best} " == *" last "* ]] && [ ! -f "$last" ]; then
@@ -63,7 +80,8 @@ fi
 
 stage2_run() {  # CKPT RHO SEED RUN_NAME: train, then evaluate its model_best
     "$py" train_stage2.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$1" H2T "$2" seed "$3" name "$4"
-    "$py" eval.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$(newest_run "$4")/ckps/model_best.pth.tar"
+    "$py" eval.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} \
+        resume "$(newest_run "$4")/ckps/model_best.pth.tar"
 }
 
 names=(); pids=()
@@ -73,12 +91,19 @@ for from in ${FROM:-best}; do
         last) ckpt=$last; tag=_fromlast ;;
     esac
     # a stage-1 checkpoint evaluated before keeps its record (the zoo's committed eval.json is not rewritten)
-    [ -f "${ckpt%.pth.tar}.eval.json" ] || "$py" eval.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} resume "$ckpt"
+    [ -f "${ckpt%.pth.tar}.eval.json" ] ||
+        "$py" eval.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} resume "$ckpt"
     for seed in ${SEEDS:-0}; do
         for rho in "${rhos[@]}"; do
             run_name=${name}_${stage2%_H2T}${tag}_rho${rho}$([ "$seed" = 0 ] || echo "_seed$seed")
-            echo "== stage 2 from $from: rho $rho, seed $seed"
             names+=("$run_name")
+            done_run=$(newest_run "$run_name")
+            if [ "${CONTINUE:-0}" = 1 ] && [ -f "$done_run/summary.json" ] &&
+                    [ -f "$done_run/ckps/model_best.eval.json" ]; then
+                echo "== stage 2 from $from: rho $rho, seed $seed: kept $done_run"
+                continue
+            fi
+            echo "== stage 2 from $from: rho $rho, seed $seed"
             if [ "${JOBS:-1}" -le 1 ]; then
                 stage2_run "$ckpt" "$rho" "$seed" "$run_name"
             else
@@ -97,4 +122,4 @@ done
 runs=()
 [ ! -f "$run1/summary.json" ] || runs+=("$run1")  # model-zoo weights have no stage-1 run to collect
 for n in "${names[@]}"; do runs+=("$(newest_run "$n")"); done
-"$py" scripts/collect_results.py --out "$results" "${runs[@]}"
+"$py" -m scripts.collect_results --out "$results" "${runs[@]}"

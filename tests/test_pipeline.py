@@ -90,7 +90,7 @@ def test_eval_loads_dataparallel_checkpoints(pipeline, tmp_path):
 
 
 def test_model_zoo_weights_reproduce_the_checkpoints_figures(pipeline, tmp_path):
-    """export_weights.py: fp32 weights under the authors' keys only, small, and eval.py gives the same metrics."""
+    """scripts.export_weights: fp32 weights under the authors' keys only, small, and eval.py gives the same metrics."""
     out = tmp_path / 'zoo' / 'weights' / 'stage2.pth.tar'
     ok(run_main('scripts/export_weights.py', f"{pipeline['run2']}/ckps/model_best.pth.tar", str(out)))
     zoo = torch.load(out, weights_only=True)
