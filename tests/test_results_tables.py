@@ -20,12 +20,15 @@ FIGURE = re.compile(r'^(?P<best>\d+\.\d+)(?: ± (?P<sd>\d+\.\d+)| \((?P<sd2>\d+\
                     r'(?: \(last (?P<last>\d+\.\d+)\))?\*?$')
 
 
+LINK = re.compile(r'\[([^\]]*)\]\([^)]*\)')
+
+
 def tables(text):
-    """Every markdown table: (header cells, [row cells, ...])."""
+    """Every markdown table: (header cells, [row cells, ...]), links reduced to their text."""
     found, block = [], []
     for line in text.splitlines() + ['']:
         if line.startswith('|'):
-            block.append([cell.strip() for cell in line.strip().strip('|').split('|')])
+            block.append([LINK.sub(r'\1', cell).strip() for cell in line.strip().strip('|').split('|')])
         elif block:
             found.append((block[0], [row for row in block[2:]]))
             block = []
@@ -81,7 +84,7 @@ def test_main_table_agrees_with_the_recorded_runs():
     for header, rows in table('dataset', 'IF'):
         for row in rows:
             dataset = 'cifar100' if 'CIFAR-100' in row[0] else 'cifar10'
-            folder = f'{dataset}_imb{IMB[int(row[1])]}'
+            folder = f'{dataset}_imb{IMB[int(row[1].rstrip("*"))]}'
             for name, cell in zip(header, row):
                 if 'here' not in name or cell == '-':
                     continue
@@ -152,9 +155,13 @@ def test_seeds_csv_is_the_statistics_of_the_recorded_runs(folder):
 
 def test_model_zoo_eval_lines_give_the_figures_of_their_weights():
     """`python eval.py --cfg C resume W   # 48.12`: W is committed and its eval.json (eval.py's output) says 48.12."""
-    lines = re.findall(r'^python eval\.py --cfg (\S+) resume (\S+)\s+# (\d+\.\d+)', open(README).read(), re.M)
+    text = open(README).read()
+    # the shell variables the README's commands use (`W=results/...`, `S1=config/... S2=...`)
+    variables = dict(re.findall(r'(?:^|\s)([A-Z][A-Z0-9_]*)=(\S+)', text, re.M))
+    lines = re.findall(r'^python eval\.py --cfg (\S+) resume (\S+)\s+# (?:[^#\n:]*: )?(\d+\.\d+)', text, re.M)
     assert lines, 'the README shows no model-zoo eval.py line'
     for config, weights, shown in lines:
+        config, weights = (re.sub(r'\$(\w+)', lambda m: variables[m[1]], v) for v in (config, weights))
         assert os.path.isfile(os.path.join(ROOT, config)) and os.path.isfile(os.path.join(ROOT, weights)), weights
         evaluated = json.load(open(os.path.join(ROOT, weights.removesuffix('.pth.tar') + '.eval.json')))
         assert close(shown, evaluated['top1']), f'{weights}: README {shown}, eval.json {evaluated["top1"]}'
