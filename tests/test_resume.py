@@ -139,3 +139,19 @@ def test_auto_resume_with_more_epochs_continues(cifar10_root, stage1_checkpoint,
                            str(run / 'ckps' / 'current.pth.tar'), 'auto_resume', 'True'))
     summary = json.load(open(run / 'summary.json'))
     assert [h['epoch'] for h in summary['history']] == [1, 2]
+
+
+def test_auto_resume_of_a_checkpoint_older_than_a_config_key_keeps_the_keys_default():
+    """A run written before a key existed (its stored config lacks it) continues under that key's default; a key it
+    does store is still compared."""
+    import yaml
+    from utils.config import load_config
+    from utils.errors import UserError
+    from utils.setup import check_resume_config
+    cfg = load_config(STAGE1)
+    stored = yaml.safe_load(cfg.dump())
+    del stored['loss']['LDAM'], stored['shift_bn']
+    check_resume_config(cfg, {'config': yaml.safe_dump(stored)})
+    stored['lr'] = 0.05
+    with pytest.raises(UserError, match='was trained with lr 0.05, not 0.1'):
+        check_resume_config(cfg, {'config': yaml.safe_dump(stored)})

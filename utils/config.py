@@ -2,8 +2,9 @@
 
 Scripts take `--cfg FILE` and then `KEY VALUE` pairs, e.g. `resume saved/run/ckps/model_best.pth.tar`
 or `lr_scheduler.lr_factor 0.1`. The keys of the authors' H2T configs are all accepted, so their CIFAR
-YAML files run unchanged; MiSLAS's YAMLs have keys of their own (`cos`, a top-level `lr_factor`) and are
-refused with the key named: use the shipped configs, which carry MiSLAS's values.
+YAML files run unchanged (their IF-50 stage-1 file's `cos: False` included); MiSLAS's YAMLs have keys of their
+own (a top-level `lr_factor`) and are refused with the key named: use the shipped configs, which carry MiSLAS's
+values.
 """
 import argparse
 import os
@@ -112,6 +113,7 @@ _C.rank = -1
 _C.dist_url = 'tcp://224.66.41.62:23456'
 _C.dist_backend = 'nccl'
 _C.multiprocessing_distributed = False
+_C.cos = False               # MiSLAS's stage-1 switch, in the authors' IF-50 stage-1 file; True is refused
 
 CIFAR = {'cifar10': 10, 'cifar100': 100}  # their fixed class counts; every dataset is in datasets.DATASETS
 
@@ -235,6 +237,8 @@ def check_config(cfg):
     need(cfg.lr > 0, f'lr {cfg.lr} must be positive')
     need(cfg.lr_scheduler.lr_factor > 0, f'lr_scheduler.lr_factor {cfg.lr_scheduler.lr_factor} must be positive')
     need(cfg.mode in ('stage1', 'stage2'), f"mode {cfg.mode!r} is unknown; use 'stage1' or 'stage2'")
+    need(not cfg.cos, "cos True (MiSLAS's cosine schedule switch) is not read here; set lr_scheduler.type cos (with "
+                      "lr_scheduler.lr_factor 1.0 for the full LR) and remove cos")
     need(cfg.lr_scheduler.type in ('warmup_step', 'cos'),
          f"lr_scheduler.type {cfg.lr_scheduler.type!r} is unknown; use 'warmup_step' or 'cos'")
     need(cfg.precision in ('auto', 'fp32', 'bf16'), f"precision {cfg.precision!r} is unknown; use auto, fp32 or bf16")
