@@ -78,7 +78,7 @@ BACKBONES = {f.__name__: f for f in (
 
 
 def load_pretrained(backbone, path):
-    """Weights of an ImageNet-trained ResNet from a local file (these machines cannot download): a plain
+    """Weights of an ImageNet-trained ResNet from a local file (compute nodes are often offline): a plain
     state_dict (torchvision's `resnet152-*.pth`) or a checkpoint holding one under `state_dict` or
     `state_dict_model`; `module.` prefixes, the `fc.` classifier and what the network leaves out are dropped."""
     if not os.path.isfile(path):

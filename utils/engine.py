@@ -285,5 +285,5 @@ def fit(exp, optimizer):
         json.dump(summary, f, indent=1)
     logger.info(f'Best  (epoch {best_epoch}): {format_metrics(best)}')
     logger.info(f'Last  (epoch {cfg.num_epochs}): {format_metrics(test)}')
-    logger.info(f'Checkpoints in {ckpt_dir}; train + eval time {wall:.0f}s ({time.time() - start:.0f}s this session)')
+    logger.info(f'Checkpoints in {ckpt_dir}; train + eval time {wall:.0f}s ({time.time() - start:.0f}s in this process)')
     return summary
