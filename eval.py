@@ -10,17 +10,19 @@ import os
 from utils import distributed
 from utils.engine import evaluate, format_metrics
 from utils.errors import run_cli
+from utils.runtime import select_eval_precision
 from utils.setup import prepare
 
 
 def main(argv=None):
     s = prepare('Evaluation', checkpoint='required', argv=argv, compile_model=False)  # one pass never pays back
     cfg = s.cfg
-    metrics = evaluate(s.backbone, s.classifier, s.data.eval_loader(), s.data.class_splits, s.device, s.precision)
+    precision = select_eval_precision(cfg, s.precision)  # fp32 unless `eval_precision same`
+    metrics = evaluate(s.backbone, s.classifier, s.data.eval_loader(), s.data.class_splits, s.device, precision)
     if not distributed.is_main():
         return
     metrics.update(checkpoint=cfg.resume, checkpoint_epoch=s.ckpt.get('epoch'), dataset=cfg.dataset,
-                   imb_factor=s.data.imb_factor, precision=s.precision)
+                   imb_factor=s.data.imb_factor, precision=precision)
     print(f'{cfg.resume} (epoch {s.ckpt.get("epoch")}): {format_metrics(metrics)} | '
           f'confidence {metrics["confidence"] * 100:.2f}%')
     out = cfg.resume.removesuffix('.pth.tar').removesuffix('.pth') + '.eval.json'
