@@ -10,17 +10,19 @@ import os
 from utils import distributed
 from utils.engine import evaluate, format_metrics
 from utils.errors import run_cli
+from utils.runtime import select_eval_precision
 from utils.setup import prepare
 
 
 def main(argv=None):
     exp = prepare('Evaluation', checkpoint='required', argv=argv, compile_model=False)  # one pass never pays back
     cfg, data = exp.cfg, exp.data
-    metrics = evaluate(exp.backbone, exp.classifier, data.eval_loader(), data.class_splits, exp.device, exp.precision)
+    precision = select_eval_precision(cfg, exp.precision)  # fp32 unless `eval_precision same`
+    metrics = evaluate(exp.backbone, exp.classifier, data.eval_loader(), data.class_splits, exp.device, precision)
     if not distributed.is_main():
         return
     metrics.update(checkpoint=cfg.resume, checkpoint_epoch=exp.ckpt.get('epoch'), dataset=cfg.dataset,
-                   imb_factor=data.imb_factor, precision=exp.precision)
+                   imb_factor=data.imb_factor, precision=precision)
     print(f'{cfg.resume} (epoch {exp.ckpt.get("epoch")}): {format_metrics(metrics)} | '
           f'confidence {metrics["confidence"] * 100:.2f}%')
     out = cfg.resume.removesuffix('.pth.tar').removesuffix('.pth') + '.eval.json'

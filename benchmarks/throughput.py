@@ -1,13 +1,15 @@
 """Training throughput: the authors' data path against this project's fast path, in one process.
 
     python -m benchmarks.throughput [--data-path data/cifar10] [--steps 20] [--repeats 5]
+                                      [--dataset cifar100 --data-path data/cifar100] [--stages stage1]
+                                      [--compile-mode reduce-overhead]
 
 (a) reference style: PIL transforms in a DataLoader (workers 0), fp32, NCHW, as the authors run it;
 (b) fast path: data on the device, batched crop/flip, channels_last, precision 'auto', and
     torch.compile where the stage's config turns it on (stage 1); its compiling is part of the
     warm-up, whose time is printed.
 Both run this project's stage-1 step (CE + mixup, full backward) and stage-2 step (frozen backbone,
-two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100, after a warm-up of one epoch
+two balanced/instance branches, H2T), batch 128, on CIFAR-10-LT IF=100 (or CIFAR-100-LT), after a warm-up of one epoch
 (which meets the epoch's short last batch, a second compiled shape). The two paths alternate, one
 repeat of each per round, so that a machine whose speed varies over minutes slows both
 alike; the speed-up is the median of the per-round ratios. On CPU both paths run with
@@ -26,8 +28,7 @@ from utils.engine import make_optimizer, set_train_mode, train_step
 from utils.errors import run_cli
 from utils.setup import prepare
 
-CONFIGS = {'stage1': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',
-           'stage2': 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml'}
+CONFIGS = {'stage1': 'config/{0}/{0}_imb001_stage1_ce_mixup.yaml', 'stage2': 'config/{0}/{0}_imb001_stage2_ce_H2T.yaml'}
 # keep_freed_memory is process-wide: both paths get it so that their rounds can alternate
 PATHS = {'reference': ['data_loader', 'torch', 'workers', 0, 'precision', 'fp32', 'channels_last', False,
                        'compile', False, 'keep_freed_memory', True],
@@ -48,13 +49,17 @@ class TrainingSteps:
         overrides = ['data_path', args.data_path, 'device', args.device, *map(str, PATHS[path])]
         if args.no_compile:
             overrides += ['compile', 'False']
-        self.exp = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage]), *overrides])
+        if args.compile_mode:
+            overrides += ['compile_mode', args.compile_mode]
+        self.exp = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage].format(args.dataset)),
+                                               *overrides])
         self.cfg, self.device = self.exp.cfg, self.exp.device
         self.optimizer = make_optimizer(self.exp.backbone, self.exp.classifier, self.cfg)
         set_train_mode(self.exp.backbone, self.exp.classifier, self.cfg)
         self.loader = self.exp.data.train_loader()
         self.stream = self._batches()
-        self.mode = f'{self.exp.precision}, compiled' if self.cfg.compile else self.exp.precision
+        self.mode = (f'{self.exp.precision}, compiled ({self.cfg.compile_mode})' if self.cfg.compile
+                     else self.exp.precision)
 
     def _batches(self):
         while True:
@@ -83,14 +88,19 @@ def main():
     parser.add_argument('--warmup', type=int, default=None,
                         help='warm-up steps (default: one epoch, so the short last batch is compiled before timing)')
     parser.add_argument('--no-compile', action='store_true', help='the fast path without torch.compile')
+    parser.add_argument('--compile-mode', default=None, help="torch.compile's mode (config key compile_mode), e.g. "
+                        "reduce-overhead; default: the config's")
+    parser.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100'],
+                        help='the IF=100 configs of this dataset; --data-path holds its files')
+    parser.add_argument('--stages', nargs='+', default=['stage1', 'stage2'], choices=['stage1', 'stage2'])
     args = parser.parse_args()
     if args.steps < 1 or args.repeats < 1 or (args.warmup or 0) < 0:
         parser.error('--steps and --repeats must be at least 1, --warmup at least 0')
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}, '
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}, {args.dataset}, '
           f'{args.steps} steps x {args.repeats} alternating rounds after '
           f'{"one epoch of" if args.warmup is None else args.warmup} warm-up steps')
     speedups = {}
-    for stage in ('stage1', 'stage2'):
+    for stage in args.stages:
         paths = {path: TrainingSteps(stage, path, args) for path in PATHS}
         device = paths['fast'].device
         if device.type == 'cuda':

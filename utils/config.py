@@ -76,13 +76,19 @@ _C.smooth_tail = None              # ... and of the smallest
 
 # device and run
 _C.device = 'auto'           # 'auto' (CUDA when present, else CPU) | 'cpu' | 'cuda' | 'cuda:N'
-_C.precision = 'auto'        # 'auto' (bf16 autocast where the hardware has it) | 'fp32' | 'bf16'
+_C.precision = 'auto'        # 'auto' (bf16 autocast where the hardware has it natively) | 'fp32' | 'bf16'
+_C.eval_precision = 'fp32'   # evaluation (eval.py, and after each epoch, which picks model_best): 'fp32', so a
+                             # checkpoint's figures do not depend on the machine, or 'same' (= precision, faster)
 _C.channels_last = True
 _C.compile = False           # torch.compile the model in the training scripts (faster steps for a one-time
                              # compile); the stage-1 configs turn it on
+_C.compile_mode = 'default'  # torch.compile's mode: 'default' | 'reduce-overhead' (CUDA graphs: fewer kernel
+                             # launches) | 'max-autotune' | 'max-autotune-no-cudagraphs'
 _C.keep_freed_memory = True  # CPU: glibc keeps freed activation memory for the next step (no page faults)
 _C.seed = 0
-_C.deterministic = False
+_C.deterministic = False     # repeatable runs: deterministic kernels only (an op without one stops the run)
+_C.sync_bn = False           # torchrun on GPUs: the backbone's BatchNorm normalises over the global batch
+                             # (SyncBatchNorm) instead of each process's share
 _C.gpu = None                # authors' key: a CUDA index, same as device 'cuda:<gpu>'
 
 # training
@@ -116,6 +122,7 @@ _C.multiprocessing_distributed = False
 _C.cos = False               # MiSLAS's stage-1 switch, in the authors' IF-50 stage-1 file; True is refused
 
 CIFAR = {'cifar10': 10, 'cifar100': 100}  # their fixed class counts; every dataset is in datasets.DATASETS
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
 def get_default_config():
@@ -242,6 +249,10 @@ def check_config(cfg):
     need(cfg.lr_scheduler.type in ('warmup_step', 'cos'),
          f"lr_scheduler.type {cfg.lr_scheduler.type!r} is unknown; use 'warmup_step' or 'cos'")
     need(cfg.precision in ('auto', 'fp32', 'bf16'), f"precision {cfg.precision!r} is unknown; use auto, fp32 or bf16")
+    need(cfg.eval_precision in ('fp32', 'same'),
+         f"eval_precision {cfg.eval_precision!r} is unknown; use fp32 or same (the training precision)")
+    need(cfg.compile_mode in COMPILE_MODES,
+         f"compile_mode {cfg.compile_mode!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
     need(cfg.data_loader in ('device', 'torch'), f"data_loader {cfg.data_loader!r} is unknown; use 'device' or 'torch'")
     need(cfg.sampler.type in ('default', 'weighted sampler'),
          f"sampler.type {cfg.sampler.type!r} is unknown; use 'default' or 'weighted sampler'")

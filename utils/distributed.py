@@ -26,17 +26,40 @@ def launched_by_torchrun():
     return int(os.environ.get('WORLD_SIZE', '1')) > 1
 
 
+def cuda_index(local_rank):
+    """The CUDA device of the process with LOCAL_RANK `local_rank`: that index where the process sees all
+    the node's GPUs, index 0 where it sees one GPU only (a scheduler that binds one GPU to each process,
+    as SLURM can)."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    from .errors import UserError
+    raise UserError(f'LOCAL_RANK {local_rank} has no GPU of its own: this process sees {count} CUDA devices; '
+                    f'show each process all the node\'s GPUs or exactly one (CUDA_VISIBLE_DEVICES)')
+
+
 def init(device_type):
     """Join the process group torchrun describes; returns the CUDA index of this rank (or None)."""
     if not launched_by_torchrun() or dist.is_initialized():
         return None
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if device_type == 'cuda':
-        torch.cuda.set_device(local_rank)
+        index = cuda_index(local_rank)
+        torch.cuda.set_device(index)
         dist.init_process_group('nccl')
-        return local_rank
+        return index
     dist.init_process_group('gloo')
     return None
+
+
+def sync_batchnorm(module):
+    """The module's BatchNorm layers replaced in place by SyncBatchNorm (statistics over the global batch;
+    same state_dict keys), when more than one process runs; returns the module."""
+    if world_size() > 1:
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
 
 
 def wrap(module, device):
@@ -50,6 +73,13 @@ def wrap(module, device):
 def all_reduce_sum(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_min(tensor):
+    """The elementwise minimum over the ranks, in place (e.g. the first step where any rank went wrong)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor
 
 

@@ -15,7 +15,7 @@ from .checkpoint import save_checkpoint
 from .errors import UserError
 from . import distributed
 from .metrics import add_sums, finalize, metric_sums
-from .runtime import autocast, hardware_name
+from .runtime import autocast, hardware_name, select_eval_precision
 
 
 # -- learning rate ---------------------------------------------------------------------------------
@@ -77,7 +77,10 @@ def stage2_loss(exp, batch):
             # Train-mode BN normalises with batch statistics: one pass over both branches would mix
             # them and update the running statistics once with the mixture. Two passes keep each
             # branch's own statistics, as the recipe does.
-            f1, f2 = backbone(x1), backbone(batch[2])
+            # (f1 copied: under CUDA graphs, compile_mode reduce-overhead, the second call reuses the memory
+            # of the first one's output)
+            f1 = backbone(x1).clone()
+            f2 = backbone(batch[2])
         else:
             # Eval-mode BN is per-sample, so one pass over the concatenation is exactly two passes.
             f1, f2 = backbone(torch.cat([x1, batch[2]])).chunk(2)
@@ -120,6 +123,9 @@ def set_train_mode(backbone, classifier, cfg):
     backbone.train(cfg.mode == 'stage1' or cfg.shift_bn)
 
 
+NO_BAD_STEP = 2 ** 62  # no non-finite loss so far: larger than any step, so that the minimum over ranks works
+
+
 def train_one_epoch(exp, loader, optimizer, epoch):
     """One pass over `loader` (epoch counted from 0); returns {'train_loss', 'train_acc'} summed over all ranks.
 
@@ -128,22 +134,23 @@ def train_one_epoch(exp, loader, optimizer, epoch):
     """
     cfg, device = exp.cfg, exp.device
     set_train_mode(exp.backbone, exp.classifier, cfg)
-    # loss sum, correct, seen, first non-finite step (+1; 0 = none): one tensor, one all_reduce
+    # loss sum, correct, seen: one tensor, one all_reduce; the first non-finite step (+1; NO_BAD_STEP = none)
+    # is the minimum over the ranks
     stats = torch.zeros(3, device=device)
-    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.num_epochs}', leave=False, file=sys.stderr,
                disable=not (sys.stderr.isatty() and distributed.is_main()), dynamic_ncols=True)
     for step, batch in enumerate(bar):
         loss, out, y = train_step(exp, batch, optimizer)
-        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step + 1, first_bad)
+        first_bad = torch.where((first_bad == NO_BAD_STEP) & ~torch.isfinite(loss), step + 1, first_bad)
         stats[0] += loss * len(y)
         stats[1] += out.argmax(1).eq(y).sum()
         stats[2] += len(y)
         last = step + 1 == len(loader)
         if (step + 1) % cfg.print_freq == 0 or last:
             reduced = distributed.all_reduce_sum(stats.clone())
-            bad = int(distributed.all_reduce_sum(first_bad.clone().float()).item())
-            if bad:
+            bad = int(distributed.all_reduce_min(first_bad.clone()).item())
+            if bad != NO_BAD_STEP:
                 raise UserError(f'loss became nan/inf at epoch {epoch + 1}, step {bad}; training stopped and the '
                                 f'last good checkpoint is kept; lower lr or check the data')
             avg = (reduced[0] / reduced[2]).item()
@@ -187,27 +194,46 @@ def training_state(epoch, backbone, classifier, optimizer, cfg, best, best_epoch
     return {'epoch': epoch, 'mode': cfg.mode, 'state_dict_model': unwrap(backbone).state_dict(),
             'state_dict_classifier': unwrap(classifier).state_dict(), 'best_acc1': best['top1'],
             'its_ece': best['ece'], 'best_epoch': best_epoch, 'best_metrics': best, 'history': history,
-            'optimizer': optimizer.state_dict(), 'rng': rng_state(), 'config': cfg.dump()}
+            'optimizer': optimizer.state_dict(), 'rng': rng_state(next(unwrap(classifier).parameters()).device),
+            'config': cfg.dump()}
 
 
-def rng_state():
+def rng_state(device):
+    """The generators a run draws from: Python's, numpy's, torch's CPU one and, on CUDA, the run's own GPU's
+    (under torchrun the ranks draw in lockstep, so rank 0's, which it saves, is every rank's). A CPU run
+    leaves CUDA alone."""
     np_state = np.random.get_state()
     state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
              'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
                        'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])}}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def saved_cuda_state(saved, device):
+    """The CUDA generator state of `saved` (rng_state's 'cuda') for this run's `device`, or None. Older
+    checkpoints hold a list, one state per GPU the saving process saw, of which it drew on its own only:
+    the entry of this device's index in a one-process run, else (torchrun's rank 0: GPU 0, or a list
+    shorter than the index) the first."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if not saved:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return saved[index] if distributed.world_size() == 1 and index < len(saved) else saved[0]
+
+
+def set_rng_state(state, device):
+    """Restore what rng_state saved; a CUDA state only on a CUDA run, into its own GPU's generator."""
     torch.set_rng_state(state['torch'])
     random.setstate(state['python'])
     n = state['numpy']
     np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
                          n['cached_gaussian']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda_state = saved_cuda_state(state.get('cuda'), device) if device.type == 'cuda' else None
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def fit(exp, optimizer):
@@ -228,7 +254,7 @@ def fit(exp, optimizer):
         optimizer.load_state_dict(resume_state['optimizer'])
         best, best_epoch = resume_state['best_metrics'], resume_state['best_epoch']
         history, start_epoch = list(resume_state['history']), resume_state['epoch']
-        set_rng_state(resume_state['rng'])
+        set_rng_state(resume_state['rng'], device)
         logger.info(f'continuing {name} after epoch {start_epoch} (best {best["top1"]:.2f} at epoch {best_epoch})')
     writer = None
     if main:
@@ -236,6 +262,7 @@ def fit(exp, optimizer):
         writer = SummaryWriter(log_dir, purge_step=start_epoch + 1)
     start = time.time()
     test = best
+    eval_precision = select_eval_precision(cfg, precision)  # fp32 unless asked: model_best must not depend on it
     for epoch in range(start_epoch, cfg.num_epochs):
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
@@ -243,10 +270,10 @@ def fit(exp, optimizer):
         exp.criterion.before_epoch(epoch)  # DRW switches its class weights on here
         t0 = time.time()
         train = train_one_epoch(exp, train_loader, optimizer, epoch)
-        if cfg.mode == 'stage2' and cfg.shift_bn:
+        if cfg.mode == 'stage2' and cfg.shift_bn and not cfg.sync_bn:  # SyncBatchNorm's are equal on every rank
             distributed.average_buffers(unwrap(backbone))
         t1 = time.time()
-        test = evaluate(backbone, classifier, eval_loader, data.class_splits, device, precision)
+        test = evaluate(backbone, classifier, eval_loader, data.class_splits, device, eval_precision)
         t2 = time.time()
         is_best = best is None or test['top1'] > best['top1']
         if is_best:
@@ -277,7 +304,8 @@ def fit(exp, optimizer):
         logger.info(f'weights identical on all {ranks} ranks')
     wall = sum(h['time_train_s'] + h['time_eval_s'] for h in history)
     summary = {'name': name, 'stage': cfg.mode, 'dataset': cfg.dataset, 'imb_factor': data.imb_factor,
-               'H2T': cfg.H2T, 'precision': precision, 'device': str(device), 'hardware': hardware_name(device),
+               'H2T': cfg.H2T, 'precision': precision,
+               'eval_precision': eval_precision, 'device': str(device), 'hardware': hardware_name(device),
                'torch': torch.__version__, 'world_size': ranks,
                'epochs': cfg.num_epochs, 'wall_time_s': round(wall, 1), 'best_epoch': best_epoch, 'best': best,
                'last': test, 'history': history}

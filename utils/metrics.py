@@ -13,12 +13,19 @@ def confidence_bins(confidence, n_bins=N_BINS):
     return (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)
 
 
+def sums_by_index(index, values, size):
+    """values summed per index into a float64 tensor of `size` entries. Unlike torch.bincount, whose output
+    size depends on the data, this waits for nothing on CUDA (no host sync per batch), and it has a
+    deterministic CUDA kernel (`deterministic True`), where bincount with weights has none."""
+    return torch.zeros(size, dtype=torch.float64, device=index.device).index_add_(0, index, values.double())
+
+
 def calibration_sums(confidence, correct, n_bins=N_BINS):
     """Per confidence bin: the count, the summed confidence and the number of correct predictions."""
     bins = confidence_bins(confidence, n_bins)
-    return {'bin_count': torch.bincount(bins, minlength=n_bins).double(),
-            'bin_confidence': torch.bincount(bins, weights=confidence.double(), minlength=n_bins),
-            'bin_correct': torch.bincount(bins, weights=correct.double(), minlength=n_bins)}
+    return {'bin_count': sums_by_index(bins, torch.ones_like(confidence), n_bins),
+            'bin_confidence': sums_by_index(bins, confidence, n_bins),
+            'bin_correct': sums_by_index(bins, correct, n_bins)}
 
 
 def ece_from_sums(sums):
@@ -34,8 +41,8 @@ def metric_sums(probs, targets, n_bins=N_BINS):
     correct = pred.eq(targets).double()
     top5 = probs.topk(min(5, num_classes), dim=1).indices.eq(targets[:, None]).any(dim=1).double()
     return {
-        'class_total': torch.bincount(targets, minlength=num_classes).double(),
-        'class_correct': torch.bincount(targets, weights=correct, minlength=num_classes),
+        'class_total': sums_by_index(targets, torch.ones_like(correct), num_classes),
+        'class_correct': sums_by_index(targets, correct, num_classes),
         'top5': top5.sum().reshape(1),
         **calibration_sums(confidence, correct, n_bins),
         'nll': -torch.log(probs.gather(1, targets[:, None]).clamp_min(1e-12)).double().sum().reshape(1),

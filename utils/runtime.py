@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from collections import namedtuple
@@ -27,6 +28,10 @@ def select_device(cfg):
         raise UserError(f"device {name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'device {name} asked for, but CUDA is not available here; use device auto or cpu')
+    if cfg.sync_bn and device.type != 'cuda':
+        # torch's SyncBatchNorm has GPU kernels only: a CPU run under torchrun would fail at its first step
+        raise UserError(f'sync_bn True needs CUDA GPUs (torch\'s SyncBatchNorm runs on GPUs only), but the device is '
+                        f'{device}; drop sync_bn')
     return device
 
 
@@ -47,13 +52,35 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
 
 
+def cuda_has_native_bf16(device):
+    """Compute capability 8.0 (Ampere) and later. torch.cuda.is_bf16_supported() also counts GPUs that
+    only emulate bf16 (V100, T4), where it is slow or fails."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def select_precision(cfg, device):
-    """'auto' -> bf16 autocast on CUDA GPUs with bf16 and on CPUs with AVX512-BF16 or AMX, else fp32."""
+    """'auto' -> bf16 autocast on GPUs with native bf16 and on CPUs with AVX512-BF16 or AMX, else fp32."""
     if cfg.precision != 'auto':
         return cfg.precision
     if device.type == 'cuda':
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+        return 'bf16' if cuda_has_native_bf16(device) else 'fp32'
     return 'bf16' if device.type == 'cpu' and cpu_has_bf16() else 'fp32'
+
+
+def select_eval_precision(cfg, precision):
+    """The evaluation's precision: fp32 unless `eval_precision same` asks for the training `precision`."""
+    return precision if cfg.eval_precision == 'same' else 'fp32'
+
+
+def disable_tf32(device):
+    """On CUDA, fp32 convolutions (cuDNN) and matmuls (cuBLAS) otherwise run in TF32 on Ampere and later
+    GPUs (cuDNN's default): switched off so that fp32 means fp32, as on the CPU. bf16 autocast is not
+    affected (its convolutions and matmuls run in bf16). The legacy flags are set, not the newer
+    fp32_precision ones: torch 2.14 refuses to read `cudnn.allow_tf32` (inductor does) once the new API
+    has set cuDNN's precision, while the legacy setters keep both views consistent."""
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def autocast(device, precision):
@@ -82,18 +109,27 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def compile_in_place(*modules):
+def compile_in_place(*modules, mode='default'):
     """torch.compile each module in place (its state_dict keys stay those of the checkpoints), with
     static shapes: under torch's default an epoch's short last batch recompiles a dynamic-batch graph
     that then serves every full batch as well, slower than a graph of fixed shape; static shapes give
-    one graph per batch size instead (full, last, evaluation)."""
+    one graph per batch size instead (full, last, evaluation). `mode` is torch.compile's (cfg.compile_mode).
+    What changes every step stays outside the graphs, so that no step recompiles: mixup's lam is applied
+    to the inputs and the loss in eager code, the LR lives in the (uncompiled) optimizer."""
     for module in modules:
-        module.compile(dynamic=False)
+        module.compile(dynamic=False, mode=mode)
+
+
+def find_c_compiler():
+    """The C compiler Triton builds its launchers with: $CC if set, else gcc, else clang; None if absent."""
+    if os.environ.get('CC'):
+        return shutil.which(os.environ['CC'])
+    return shutil.which('gcc') or shutil.which('clang')
 
 
 def check_compile_toolchain(device):
-    """torch.compile writes C++ kernels on CPU and Triton kernels on CUDA: stop before training, with
-    the fix, where the toolchain is missing, rather than at the first step."""
+    """torch.compile writes C++ kernels on CPU and Triton kernels on CUDA (Triton also needs a C compiler):
+    stop before training, with the fix, where the toolchain is missing, rather than at the first step."""
     if device.type == 'cpu':
         from torch._inductor import config as inductor_config
         from torch._inductor.cpp_builder import cpp_compiler_search
@@ -108,17 +144,34 @@ def check_compile_toolchain(device):
         if not has_triton():
             raise UserError('compile True on CUDA needs Triton, which is not installed; '
                             '`pip install triton` or add `compile False`')
+        if find_c_compiler() is None:
+            looked = f'CC={os.environ["CC"]}' if os.environ.get('CC') else 'gcc, clang'
+            raise UserError(f'compile True on CUDA needs a C compiler for Triton and none was found (looked for '
+                            f'{looked}); install one (or point CC at it) or add `compile False`')
+
+
+CUBLAS_DETERMINISTIC = (':4096:8', ':16:8')  # the workspace settings cuBLAS is repeatable with
 
 
 def seed_everything(seed, deterministic=False):
+    """Seed every generator; with `deterministic`, make a run repeatable where PyTorch can: deterministic
+    algorithms only (an op without one raises, and run_cli names it), cuDNN without benchmarking,
+    inductor's deterministic mode (torch.use_deterministic_algorithms switches it on) and a cuBLAS
+    workspace that is repeatable, set here, before any CUDA work, unless the environment gives one.
+    Call it before CUDA starts; without `deterministic` everything is switched back off."""
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC[0])
+        if os.environ['CUBLAS_WORKSPACE_CONFIG'] not in CUBLAS_DETERMINISTIC:
+            raise UserError(f'deterministic True needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]} (or '
+                            f'{CUBLAS_DETERMINISTIC[1]}), but the environment sets '
+                            f'{os.environ["CUBLAS_WORKSPACE_CONFIG"]!r}; unset it or set one of those')
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 RunDir = namedtuple('RunDir', 'dir log_dir ckpt_dir name')

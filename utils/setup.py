@@ -15,8 +15,8 @@ from . import distributed
 from .checkpoint import load_checkpoint, load_weights
 from .config import CIFAR, load_config, parse_args
 from .errors import UserError
-from .runtime import (RunDir, check_compile_toolchain, compile_in_place, create_run_dir, get_logger, keep_freed_memory,
-                      select_device, select_precision, seed_everything)
+from .runtime import (RunDir, check_compile_toolchain, compile_in_place, create_run_dir, disable_tf32, get_logger,
+                      keep_freed_memory, select_device, select_precision, seed_everything)
 
 
 @dataclass
@@ -55,14 +55,15 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
                         f'{"current" if cfg.auto_resume else "model_best"}.pth.tar`')
     if distributed.launched_by_torchrun() and cfg.dataset in CIFAR and cfg.data_loader != 'device':
         raise UserError('multi-process CIFAR runs need data_loader device; drop `data_loader torch` or run one process')
+    seed_everything(cfg.seed, cfg.deterministic)  # before CUDA starts: deterministic sets cuBLAS's workspace
     device = select_device(cfg)
     cuda_index = distributed.init(device.type)
     if cuda_index is not None:
         device = torch.device('cuda', cuda_index)
     precision = select_precision(cfg, device)
+    disable_tf32(device)
     if device.type == 'cpu' and cfg.keep_freed_memory:
         keep_freed_memory()
-    seed_everything(cfg.seed, cfg.deterministic)
 
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     resume_state = None
@@ -81,9 +82,11 @@ def prepare(description, stage=None, checkpoint='optional', argv=None, compile_m
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     backbone.to(device, memory_format=memory_format)
     classifier.to(device)
+    if cfg.sync_bn:
+        backbone = distributed.sync_batchnorm(backbone)  # before compiling and DDP
     if cfg.compile and compile_model:
         check_compile_toolchain(device)
-        compile_in_place(backbone, classifier)
+        compile_in_place(backbone, classifier, mode=cfg.compile_mode)
     data = build_data(cfg, device)
     criterion = build_loss(cfg, data.cls_num_list).to(device)
 
