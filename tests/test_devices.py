@@ -20,8 +20,7 @@ import utils.distributed as distributed
 import utils.engine as engine
 import utils.runtime as runtime
 import utils.setup as setup
-from conftest import ROOT
-from test_sturdy import STAGE1, TINY, args, only_run
+from conftest import ROOT, STAGE1, TINY, args, only_run
 from utils.config import get_default_config, load_config
 from utils.errors import UserError, run_cli
 from utils.metrics import N_BINS, metric_sums
@@ -323,6 +322,7 @@ def test_a_bad_compile_mode_is_a_one_line_error():
 
 
 # -- NaN stop under DDP; evaluation sums -------------------------------------------------------------
+@pytest.mark.slow
 def test_nan_stop_names_the_first_bad_step_over_all_ranks(cifar10_root, tmp_path):
     """2 CPU ranks: rank 1's loss turns NaN at step 3, which (through DDP's averaged gradients) makes rank 0's
     NaN from step 4; the first bad step is 3 (the ranks' steps added would say 7)."""
@@ -342,7 +342,7 @@ def test_nan_stop_names_the_first_bad_step_over_all_ranks(cifar10_root, tmp_path
         engine.stage1_loss = poisoned
         run_cli(lambda: train_stage1.main(sys.argv[1:]))
         '''))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29527', str(script),
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
            *args(STAGE1, cifar10_root, tmp_path / 's', 'num_epochs', '1')]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS='1'))
