@@ -120,6 +120,7 @@ MARGIN = [0.5 / math.sqrt(2), 0.5]
 EXPERTS = [[[1.0, 0.0], [0.0, 1.0]],   # sample 0 (class 0): expert 1, expert 2
            [[2.0, 0.0], [0.5, 0.5]]]   # sample 1 (class 1)
 TARGETS = [0, 1]
+REWEIGHT_FACTOR = 0.5  # RIDE's 0.05 moves the temperatures too little to show in a test
 
 
 def ride_by_hand(drw):
@@ -127,7 +128,7 @@ def ride_by_hand(drw):
         raw = [(1 - 0.9999) / (1 - 0.9999 ** n) for n in COUNTS]
         class_weight = [w / sum(raw) * 2 for w in raw]
         shares = [n / sum(COUNTS) for n in COUNTS]
-        t_raw = [2 * p * 0.05 + 1 - 0.05 for p in shares]
+        t_raw = [2 * p * REWEIGHT_FACTOR + 1 - REWEIGHT_FACTOR for p in shares]
         temperature = [t / max(t_raw) for t in t_raw]
     else:
         class_weight, temperature = [1.0, 1.0], [1.0, 1.0]
@@ -153,7 +154,7 @@ def ride_by_hand(drw):
 @pytest.mark.parametrize('epoch, drw', [(0, False), (1, True)])
 def test_ride_loss_matches_a_hand_computation(epoch, drw):
     loss = RIDELoss(COUNTS, base_loss_factor=1.0, additional_diversity_factor=-0.2, base_diversity_temperature=1.0,
-                    reweight_factor=0.05, max_m=0.5, s=1.0, reweight_epoch=0)
+                    reweight_factor=REWEIGHT_FACTOR, max_m=0.5, s=1.0, reweight_epoch=0)
     loss.before_epoch(epoch)  # DRW (class weights, per-class temperature) from the epoch after reweight_epoch
     value = loss(torch.tensor(EXPERTS), torch.tensor(TARGETS))
     assert value.item() == pytest.approx(ride_by_hand(drw), rel=1e-5)
