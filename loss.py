@@ -198,7 +198,8 @@ class RIDELoss(Loss):
              f'loss.RIDE.base_diversity_temperature {ride.base_diversity_temperature} must be positive (1 in RIDE)')
         need(0 <= ride.reweight_factor < 1, f'loss.RIDE.reweight_factor {ride.reweight_factor} must be in [0, 1) '
              f'(0.05 in RIDE)')
-        need(ride.reweight_epoch >= -1, f'loss.RIDE.reweight_epoch {ride.reweight_epoch} must be -1 (never) or an epoch')
+        need(ride.reweight_epoch >= -1,
+             f'loss.RIDE.reweight_epoch {ride.reweight_epoch} must be -1 (never) or an epoch')
         need(not ride.reweight or ride.reweight_epoch < cfg.num_epochs,
              f'loss.RIDE.reweight_epoch {ride.reweight_epoch} is not below num_epochs {cfg.num_epochs}, so DRW would '
              f'never start; lower it (159 of 200 in RIDE), or set -1 or loss.RIDE.reweight False')
@@ -206,8 +207,9 @@ class RIDELoss(Loss):
     @classmethod
     def from_config(cls, cfg, cls_num_list):
         ride = cfg.loss.RIDE
-        return cls(cls_num_list, ride.base_loss_factor, ride.additional_diversity_factor, ride.base_diversity_temperature,
-                   ride.reweight_factor, ride.max_m, ride.s, ride.reweight_epoch if ride.reweight else -1)
+        return cls(cls_num_list, ride.base_loss_factor, ride.additional_diversity_factor,
+                   ride.base_diversity_temperature, ride.reweight_factor, ride.max_m, ride.s,
+                   ride.reweight_epoch if ride.reweight else -1)
 
     def before_epoch(self, epoch):
         self.ldam.before_epoch(epoch)

@@ -122,6 +122,7 @@ def resnet110_fe():
     return ResNet_fe(18)
 
 
-BACKBONES = {f.__name__: f for f in (resnet20_fe, resnet32_fe, resnet44_fe, resnet56_fe, resnet110_fe, resnet32_ride_fe)}
+BACKBONES = {f.__name__: f for f in (resnet20_fe, resnet32_fe, resnet44_fe, resnet56_fe, resnet110_fe,
+                                     resnet32_ride_fe)}
 # backbones that return a list of the experts' feature maps; built with (num_experts, reduce_dimension)
 EXPERT_BACKBONES = {'resnet32_ride_fe'}
