@@ -5,6 +5,8 @@
   `smooth_head` for the largest class down to `smooth_tail` for the smallest (`loss.LAS.shape`).
 - `LDAMLoss` (LDAM-DRW): a margin `m_c` proportional to `n_c ** -1/4` (largest `loss.LDAM.max_m`) taken off
   the true class's logit; with `loss.LDAM.reweight_epoch` >= 0, class-balanced weights from then on (DRW).
+- `RIDELoss` (RIDE): each expert's LDAM-DRW loss plus its KL divergence to the experts' mean (`loss.RIDE`).
+- `ResLoss` (ResLT): CE of the branches' sum and of each branch on its own classes (`loss.ResLT`).
 
 Every loss is computed in fp32 whatever the autocast dtype of the logits. `build_loss(cfg, cls_num_list)`
 builds the configured one; the epoch loop calls `before_epoch(epoch)` (epoch counted from 0) first.
@@ -152,6 +154,126 @@ class LDAMLoss(Loss):
         logits = logits.float()
         shifted = logits.scatter_add(1, target[:, None], -self.s * self.margins[target][:, None])
         return F.cross_entropy(shifted, target, weight=self.weight)
+
+
+
+# -- multi-output losses: RIDE's experts, ResLT's branches -----------------------------------------
+def _need_multi_output(out, loss_name, what):
+    need(out.dim() == 3, f'{loss_name} takes {what} as [batch, K, classes], got logits of shape {tuple(out.shape)}')
+
+
+@register_loss('RIDELoss')
+class RIDELoss(Loss):
+    multi_output = True  # takes [B, K, C]; utils.config pairs it with a multi-output head
+    """RIDE's distribution-aware diversity loss on the experts' logits [B, E, C] (each s times a cosine):
+    sum over experts of base_loss_factor * LDAM(expert) (DRW weights after reweight_epoch) plus
+    additional_diversity_factor * T_mean^2 * KL(softmax(mean / T) || softmax(expert / T)), the experts'
+    mean held constant. T is base_diversity_temperature, and after reweight_epoch T_c = T * w_c with
+    w_c = (C * p_c * f + 1 - f) / max over classes (p_c the class's share of the training set, f the
+    reweight_factor); T_mean is the mean of T_c. A negative factor pushes the experts apart."""
+
+    def __init__(self, cls_num_list, base_loss_factor=1.0, additional_diversity_factor=-0.2,
+                 base_diversity_temperature=1.0, reweight_factor=0.05, max_m=0.5, s=30.0, reweight_epoch=-1):
+        super().__init__()
+        self.ldam = LDAMLoss(cls_num_list, max_m, s, reweight_epoch)
+        share = np.asarray(cls_num_list, dtype=np.float64) / np.sum(cls_num_list)
+        weights = len(share) * share * reweight_factor + 1 - reweight_factor
+        self.register_buffer('drw_temperature', torch.tensor(base_diversity_temperature * weights / weights.max(),
+                                                             dtype=torch.float32))
+        self.base_loss_factor, self.diversity_factor = base_loss_factor, additional_diversity_factor
+        self.base_temperature, self.reweight_epoch = base_diversity_temperature, reweight_epoch
+        self.temperature = None  # per class after reweight_epoch, else the scalar base temperature
+
+    @staticmethod
+    def check_config(cfg):
+        from models import EXPERT_BACKBONES
+        ride = cfg.loss.RIDE
+        need(cfg.backbone in EXPERT_BACKBONES and cfg.classifier == 'Classifier',
+             f'loss.type RIDELoss trains experts, but backbone {cfg.backbone} with classifier {cfg.classifier} has '
+             f'{"branches" if cfg.classifier != "Classifier" else "one head"}; use backbone resnet32_ride_fe with '
+             f'classifier Classifier')
+        need(ride.s > 0, f'loss.RIDE.s {ride.s} must be positive (the logit scale, 30 in RIDE)')
+        need(ride.max_m > 0, f'loss.RIDE.max_m {ride.max_m} must be positive (0.5 in RIDE)')
+        need(ride.base_diversity_temperature > 0,
+             f'loss.RIDE.base_diversity_temperature {ride.base_diversity_temperature} must be positive (1 in RIDE)')
+        need(0 <= ride.reweight_factor < 1, f'loss.RIDE.reweight_factor {ride.reweight_factor} must be in [0, 1) '
+             f'(0.05 in RIDE)')
+        need(ride.reweight_epoch >= -1,
+             f'loss.RIDE.reweight_epoch {ride.reweight_epoch} must be -1 (never) or an epoch')
+        need(not ride.reweight or ride.reweight_epoch < cfg.num_epochs,
+             f'loss.RIDE.reweight_epoch {ride.reweight_epoch} is not below num_epochs {cfg.num_epochs}, so DRW would '
+             f'never start; lower it (159 of 200 in RIDE), or set -1 or loss.RIDE.reweight False')
+
+    @classmethod
+    def from_config(cls, cfg, cls_num_list):
+        ride = cfg.loss.RIDE
+        return cls(cls_num_list, ride.base_loss_factor, ride.additional_diversity_factor,
+                   ride.base_diversity_temperature, ride.reweight_factor, ride.max_m, ride.s,
+                   ride.reweight_epoch if ride.reweight else -1)
+
+    def before_epoch(self, epoch):
+        self.ldam.before_epoch(epoch)
+        self.temperature = self.drw_temperature if 0 <= self.reweight_epoch < epoch else None
+
+    def forward(self, logits, target):
+        _need_multi_output(logits, 'RIDELoss', "the experts' logits")
+        logits = logits.float()
+        mean = logits.mean(dim=1)
+        if self.temperature is None:
+            temperature, temperature_mean = self.base_temperature, self.base_temperature
+        else:
+            temperature, temperature_mean = self.temperature[None], self.temperature.mean()
+        mean_probs = F.softmax(mean.detach() / temperature, dim=1)
+        loss = 0
+        for expert in logits.unbind(dim=1):
+            # RIDE trains each expert on its own logits, or on the mean when there is no diversity term
+            loss = loss + self.base_loss_factor * self.ldam(mean if self.diversity_factor == 0 else expert, target)
+            log_probs = F.log_softmax(expert / temperature, dim=1)
+            kl = F.kl_div(log_probs, mean_probs, reduction='batchmean')
+            loss = loss + self.diversity_factor * temperature_mean ** 2 * kl
+        return loss
+
+
+@register_loss('ResLoss')
+class ResLoss(Loss):
+    multi_output = True
+    """ResLT's loss on the branches' logits [B, 3, C] (head, medium, tail): (1 - beta) * CE(head + medium
+    + tail) + beta * (the sum of each branch's CE over the samples of its classes) / (the number of such
+    sample-branch pairs). The head branch learns every class, the medium branch classes from
+    branch_starts[0], the tail branch classes from branch_starts[1] (classes sorted largest first)."""
+
+    def __init__(self, num_classes, branch_starts, beta=0.998):
+        super().__init__()
+        medium, tail = branch_starts
+        starts = torch.tensor([0, medium, tail])
+        self.register_buffer('member', torch.arange(num_classes)[:, None] >= starts[None])  # [C, 3]
+        self.beta = beta
+
+    @staticmethod
+    def check_config(cfg):
+        res = cfg.loss.ResLT
+        need(cfg.classifier == 'ResClassifier',
+             f'loss.type ResLoss trains ResLT\'s three branches, but classifier {cfg.classifier} has none; set '
+             f'classifier ResClassifier')
+        need(0 <= res.beta <= 1, f'loss.ResLT.beta {res.beta} must be in [0, 1] (0.998 in the stage-1 configs)')
+        starts = list(res.branch_starts)
+        need(len(starts) == 2 and 0 < starts[0] < starts[1] < cfg.num_classes,
+             f'loss.ResLT.branch_starts {starts} must be [m, t] with 0 < m < t < num_classes ({cfg.num_classes}): '
+             f'the first class of the medium and of the tail branch, e.g. [35, 70] for CIFAR-100')
+
+    @classmethod
+    def from_config(cls, cfg, cls_num_list):
+        return cls(len(cls_num_list), list(cfg.loss.ResLT.branch_starts), cfg.loss.ResLT.beta)
+
+    def forward(self, logits, target):
+        _need_multi_output(logits, 'ResLoss', "the head/medium/tail branches' logits")
+        need(logits.size(1) == 3, f'ResLoss takes 3 branches, got {logits.size(1)}')
+        logits = logits.float()
+        fused = F.cross_entropy(logits.sum(dim=1), target)
+        nll = -F.log_softmax(logits, dim=2).gather(2, target[:, None, None].expand(-1, 3, 1)).squeeze(2)  # [B, 3]
+        member = self.member[target].float()
+        individual = (nll * member).sum() / member.sum()
+        return (1 - self.beta) * fused + self.beta * individual
 
 
 def build_loss(cfg, cls_num_list):

@@ -1,11 +1,16 @@
 """The classifier heads, shared by every backbone: pool the backbone's feature map, then a linear or
 cosine layer, optionally MiSLAS's learnable weight scaling. Parameter names match the authors'
-checkpoints (fc.weight, fc.bias; lws.learned_norm)."""
+checkpoints (fc.weight, fc.bias; lws.learned_norm).
+
+Multi-output heads return more than one set of logits, [B, K, C]: RIDE's experts (`ExpertClassifier`)
+and ResLT's head/medium/tail branches (`ResClassifier`). The losses of those methods take them all;
+accuracy and evaluation use `head.combine(out)`, the one [B, C] prediction (a single head's `combine`
+returns its logits as they are)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Classifier', 'NormedLinear', 'LearnableWeightScaling']
+__all__ = ['Classifier', 'NormedLinear', 'LearnableWeightScaling', 'ExpertClassifier', 'ResClassifier', 'HEADS']
 
 
 class NormedLinear(nn.Module):
@@ -49,3 +54,62 @@ class Classifier(nn.Module):
         if self.scale != 1.0:
             out = out * self.scale
         return self.lws(out) if self.lws is not None else out
+
+    @staticmethod
+    def combine(out):
+        return out
+
+
+def _linear_head(feat_in, num_classes, use_norm):
+    if use_norm:
+        return NormedLinear(feat_in, num_classes)
+    linear = nn.Linear(feat_in, num_classes)
+    nn.init.kaiming_normal_(linear.weight)
+    return linear
+
+
+class ExpertClassifier(nn.Module):
+    """RIDE's per-expert classifiers: expert i pools its own feature map and applies `linears.i` (s times
+    the cosine with `use_norm`, as RIDE's CIFAR model). Returns the experts' logits [B, E, C]; the
+    prediction is their mean (RIDE without its expert-assignment router)."""
+
+    def __init__(self, feat_in, num_classes, num_experts, use_norm=False, s=30.0):
+        super().__init__()
+        self.linears = nn.ModuleList(_linear_head(feat_in, num_classes, use_norm) for _ in range(num_experts))
+        self.scale = s if use_norm else 1.0
+
+    def forward(self, feats):
+        out = torch.stack([linear(f.mean(dim=(2, 3))) for linear, f in zip(self.linears, feats)], dim=1)
+        return out * self.scale if self.scale != 1.0 else out
+
+    @staticmethod
+    def combine(out):
+        return out.mean(dim=1)
+
+
+class ResClassifier(nn.Module):
+    """ResLT's CIFAR head (Cui et al.): three BatchNorms on the feature map (BNH, BNM, BNT: the head,
+    medium and tail branches' own parameters), each pooled and classified by a linear layer shared by
+    the branches. With several experts (a list of maps, as in the H2T authors' ResLT), each expert has
+    its own linear layer (`linear.i`) and the branches' logits are averaged over the experts. Returns
+    [B, 3, C] (head, medium, tail); the prediction is their sum, ResLT's residual fusion."""
+
+    def __init__(self, feat_in, num_classes, num_experts=1):
+        super().__init__()
+        self.BNH, self.BNM, self.BNT = (nn.BatchNorm2d(feat_in) for _ in range(3))
+        self.linear = nn.ModuleList(nn.Linear(feat_in, num_classes) for _ in range(num_experts))
+
+    def forward(self, feats):
+        feats = feats if isinstance(feats, (list, tuple)) else [feats]
+        per_expert = []
+        for linear, f in zip(self.linear, feats):
+            branches = torch.stack([bn(f).mean(dim=(2, 3)) for bn in (self.BNH, self.BNM, self.BNT)], dim=1)
+            per_expert.append(linear(branches))
+        return torch.stack(per_expert).mean(dim=0)
+
+    @staticmethod
+    def combine(out):
+        return out.sum(dim=1)
+
+
+HEADS = ('Classifier', 'ResClassifier')  # cfg.classifier; Classifier on a multi-expert backbone is ExpertClassifier

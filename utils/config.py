@@ -58,10 +58,13 @@ _C.classifier = 'Classifier'
 _C.use_norm = False          # Classifier: s * cosine of normalised features and weights (LDAM), s = loss.LDAM.s
 _C.lws = False               # stage 2: MiSLAS's learnable per-class scale of the logits, learned at the full LR
                              # (lr_scheduler.lr_factor scales the classifier's LR only, as in MiSLAS)
+_C.num_experts = 1           # multi-expert backbones (resnet32_ride_fe): the number of experts (RIDE: 3)
+_C.reduce_dimension = False  # resnet32_ride_fe: RIDE's narrower experts, layer2/layer3 widths 24/48 instead of 32/64
 
 # loss (loss.py), the authors' keys and defaults
 _C.loss = CN()
-_C.loss.type = 'CrossEntropyLoss'  # registered in loss.py: 'CrossEntropyLoss' | 'LabelAwareSmoothing' | 'LDAMLoss'
+_C.loss.type = 'CrossEntropyLoss'  # registered in loss.py: 'CrossEntropyLoss' | 'LabelAwareSmoothing' | 'LDAMLoss' |
+                                   # 'RIDELoss' | 'ResLoss'
 _C.loss.CE = CN()
 _C.loss.CE.reweight_CE = False     # class-balanced weights, beta 0.9999
 _C.loss.LDAM = CN()
@@ -71,6 +74,21 @@ _C.loss.LDAM.reweight_epoch = -1   # DRW: class-balanced weights after this epoc
 _C.loss.LAS = CN()
 _C.loss.LAS.shape = 'concave'      # how smoothing falls from smooth_head to smooth_tail: concave|linear|convex|exp
 _C.loss.LAS.power = None           # the exponent of shape 'exp'
+# RIDE's distribution-aware diversity loss (RIDELoss), RIDE's defaults
+_C.loss.RIDE = CN()
+_C.loss.RIDE.base_loss_factor = 1.0             # weight of each expert's LDAM loss
+_C.loss.RIDE.additional_diversity_factor = -0.2  # weight of each expert's KL to the experts' mean (negative: diversity)
+_C.loss.RIDE.base_diversity_temperature = 1.0
+_C.loss.RIDE.reweight_factor = 0.05              # after reweight_epoch the temperature grows with the class's share
+_C.loss.RIDE.max_m = 0.5                         # LDAM's largest margin
+_C.loss.RIDE.s = 30.0                            # logit scale of the cosine heads (use_norm) and of the margins
+_C.loss.RIDE.reweight = True                     # False: no DRW weights, no per-class temperature
+_C.loss.RIDE.reweight_epoch = -1                 # DRW from the epoch after this one (counted from 0); -1 never
+# ResLT's loss (ResLoss): (1 - beta) * CE of the fused logits + beta * the branches' own CE
+_C.loss.ResLT = CN()
+_C.loss.ResLT.beta = 0.998
+_C.loss.ResLT.branch_starts = []   # [m, t]: the medium branch learns classes m.. and the tail branch t.. (classes
+                                   # sorted largest first); the head branch learns all
 _C.smooth_head = None              # LabelAwareSmoothing: smoothing of the largest class (MiSLAS key)
 _C.smooth_tail = None              # ... and of the smallest
 
@@ -105,13 +123,13 @@ _C.batch_size = 128
 _C.weight_decay = 2e-4
 _C.num_epochs = 200
 _C.momentum = 0.9
+_C.nesterov = False           # Nesterov momentum (RIDE's stage 1)
 _C.mixup = True
 _C.alpha = 1.0
 _C.H2T = 0.0                 # rho: fraction of channels fused from the instance branch (stage 2)
 
 # accepted so the authors' YAML files load; not read (multi-process runs are set up by torchrun, see
-# utils/distributed.py; the model has one classifier, no experts)
-_C.num_experts = 1
+# utils/distributed.py; a multi-output loss always receives every expert's or branch's logits)
 _C.loss.add_extra_info = False
 _C.distributed = False
 _C.world_size = -1
@@ -260,10 +278,24 @@ def check_config(cfg):
          f"sampler.weighted_sampler.type {cfg.sampler.weighted_sampler.type!r} is not supported; use 'balance'")
     need(cfg.sampler.dual_sample.type == 'long-tailed',
          f"sampler.dual_sample.type {cfg.sampler.dual_sample.type!r} is not supported; use 'long-tailed'")
-    need(cfg.classifier == 'Classifier', f"classifier {cfg.classifier!r} is not supported; use 'Classifier' "
+    from models import EXPERT_BACKBONES, HEADS
+    need(cfg.classifier in HEADS, f"classifier {cfg.classifier!r} is not supported; use one of {', '.join(HEADS)} "
          f"(use_norm True gives the cosine head)")
+    need(isinstance(cfg.num_experts, int) and cfg.num_experts >= 1,
+         f'num_experts {cfg.num_experts} must be a whole number, at least 1 (RIDE: 3)')
+    need(cfg.num_experts == 1 or cfg.backbone in EXPERT_BACKBONES,
+         f'num_experts {cfg.num_experts} needs a multi-expert backbone ({", ".join(sorted(EXPERT_BACKBONES))}); '
+         f'{cfg.backbone} has one; set num_experts 1 or change backbone')
+    need(not cfg.lws or (cfg.classifier == 'Classifier' and cfg.backbone not in EXPERT_BACKBONES),
+         'lws (MiSLAS\'s weight scaling) needs a single Classifier head; set lws False for experts or ResClassifier')
+    need(not cfg.use_norm or cfg.classifier == 'Classifier',
+         'use_norm gives Classifier a cosine head; ResClassifier has linear heads as ResLT, remove use_norm')
     from loss import LOSSES
     need(cfg.loss.type in LOSSES, f'loss.type {cfg.loss.type!r} is unknown; use one of {", ".join(LOSSES)}')
+    multi_head = cfg.backbone in EXPERT_BACKBONES or cfg.classifier != 'Classifier'
+    need(not multi_head or getattr(LOSSES[cfg.loss.type], 'multi_output', False),
+         f'loss.type {cfg.loss.type} takes one set of logits, but {cfg.backbone} with {cfg.classifier} gives several '
+         f'(experts or branches); use loss.type RIDELoss for experts, ResLoss for ResClassifier')
     LOSSES[cfg.loss.type].check_config(cfg)  # each loss checks its own keys (loss.py)
     from models import BACKBONES
     need(cfg.backbone in BACKBONES, f'backbone {cfg.backbone!r} is unknown; use one of {sorted(BACKBONES)}')

@@ -83,11 +83,25 @@ def stage2_loss(exp, batch):
             f2 = backbone(batch[2])
         else:
             # Eval-mode BN is per-sample, so one pass over the concatenation is exactly two passes.
-            f1, f2 = backbone(torch.cat([x1, batch[2]])).chunk(2)
-    fused = f1 if f2 is None else H2T(f1, f2, cfg.H2T)
+            f1, f2 = split_halves(backbone(torch.cat([x1, batch[2]])))
+    fused = f1 if f2 is None else H2T(f1, f2, cfg.H2T)  # a multi-expert backbone: each expert its own draw
     with autocast(exp.device, exp.precision):
         out = exp.classifier(fused)
     return classification_loss(exp.criterion, out, y1, mix), out, y1
+
+
+def split_halves(feats):
+    """The two halves of a batch's feature map(s): a map, or each expert's map of a list."""
+    if isinstance(feats, (list, tuple)):
+        halves = [f.chunk(2) for f in feats]
+        return [h[0] for h in halves], [h[1] for h in halves]
+    return feats.chunk(2)
+
+
+def final_logits(classifier, out):
+    """The [B, C] logits that accuracy and evaluation use: a multi-output head's `combine` of its
+    output (RIDE: the experts' mean; ResLT: the branches' sum), a single head's logits as they are."""
+    return unwrap(classifier).combine(out)
 
 
 def make_optimizer(backbone, classifier, cfg):
@@ -103,7 +117,8 @@ def make_optimizer(backbone, classifier, cfg):
     if lws:
         factor = cfg.lr_scheduler.lr_factor if cfg.lr_scheduler.type == 'cos' else 1.0
         groups.append({'params': lws, 'lr_scale': 1.0 / factor})
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
 
 
 def train_step(exp, batch, optimizer):
@@ -144,7 +159,7 @@ def train_one_epoch(exp, loader, optimizer, epoch):
         loss, out, y = train_step(exp, batch, optimizer)
         first_bad = torch.where((first_bad == NO_BAD_STEP) & ~torch.isfinite(loss), step + 1, first_bad)
         stats[0] += loss * len(y)
-        stats[1] += out.argmax(1).eq(y).sum()
+        stats[1] += final_logits(exp.classifier, out).argmax(1).eq(y).sum()
         stats[2] += len(y)
         last = step + 1 == len(loader)
         if (step + 1) % cfg.print_freq == 0 or last:
@@ -170,7 +185,7 @@ def evaluate(backbone, classifier, loader, splits, device, precision):
     sums = None
     for x, y in loader:
         with autocast(device, precision):
-            logits = classifier(backbone(x))
+            logits = final_logits(classifier, classifier(backbone(x)))
         sums = add_sums(sums, metric_sums(torch.softmax(logits.float(), dim=1), y))
     for value in sums.values():
         distributed.all_reduce_sum(value)
