@@ -1,3 +1,4 @@
+from loss import LOSSES
 from utils.errors import UserError
 from .heads import Classifier, LearnableWeightScaling, NormedLinear
 from .resnet_cifar import BACKBONES as CIFAR_BACKBONES
@@ -10,7 +11,7 @@ BACKBONES = {**CIFAR_BACKBONES, **IMAGENET_BACKBONES}
 
 def build_model(cfg):
     """The backbone named by `cfg.backbone` and a `Classifier` for `cfg.num_classes` classes (cosine,
-    scaled by loss.LDAM.s, with `use_norm`; MiSLAS's learnable weight scaling with `lws`). Without a
+    scaled by the s of loss.type, with `use_norm`; MiSLAS's learnable weight scaling with `lws`). Without a
     checkpoint to resume, the backbone starts from `cfg.pretrained` where given."""
     backbone = BACKBONES[cfg.backbone]()
     if not cfg.resume:
@@ -19,4 +20,5 @@ def build_model(cfg):
         elif getattr(backbone, 'needs_pretrained', False):
             raise UserError(f'{cfg.backbone} trains only its last block on ImageNet-trained weights; set pretrained '
                             f'to a local file of them (torchvision resnet152-*.pth)')
-    return backbone, Classifier(backbone.out_channels, cfg.num_classes, cfg.use_norm, cfg.loss.LDAM.s, cfg.lws)
+    scale = LOSSES[cfg.loss.type].cosine_scale(cfg)
+    return backbone, Classifier(backbone.out_channels, cfg.num_classes, cfg.use_norm, scale, cfg.lws)
