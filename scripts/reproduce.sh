@@ -6,7 +6,8 @@
 #
 # Uses ${PREFIX}_stage1_ce_mixup.yaml and ${PREFIX}_stage2_ce_H2T.yaml (METHOD=ce, the default);
 # METHOD=mislas: ..._stage1_ce_mixup.yaml and ..._stage2_mislas_H2T.yaml (rho 0 is MiSLAS itself);
-# METHOD=ldam_drw: ..._stage1_ldam_drw.yaml and ..._stage2_ldam_drw_H2T.yaml. Environment:
+# METHOD=ldam_drw: ..._stage1_ldam_drw.yaml and ..._stage2_ldam_drw_H2T.yaml;
+# METHOD=gcl: ..._stage1_gcl.yaml and ..._stage2_gcl_H2T.yaml (rho 0 is GCL itself). Environment:
 #   STAGE1_OVERRIDES / STAGE2_OVERRIDES  extra `KEY VALUE` pairs (e.g. "num_epochs 2")
 #   STAGE1_CKPT                          skip stage 1 and start stage 2 from this checkpoint (a run's
 #                                        ckps/model_best.pth.tar, or model-zoo weights under results/)
@@ -30,7 +31,8 @@ case ${METHOD:-ce} in
     ce) stage1=stage1_ce_mixup; stage2=stage2_ce_H2T ;;
     mislas) stage1=stage1_ce_mixup; stage2=stage2_mislas_H2T ;;
     ldam_drw) stage1=stage1_ldam_drw; stage2=stage2_ldam_drw_H2T ;;
-    *) echo "error: METHOD $METHOD is unknown; use ce, mislas or ldam_drw" >&2; exit 2 ;;
+    gcl) stage1=stage1_gcl; stage2=stage2_gcl_H2T ;;
+    *) echo "error: METHOD $METHOD is unknown; use ce, mislas, ldam_drw or gcl" >&2; exit 2 ;;
 esac
 cfg1=${prefix}_${stage1}.yaml
 cfg2=${prefix}_${stage2}.yaml
