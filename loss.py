@@ -179,10 +179,11 @@ def gcl_cloud_scale(cls_num_list):
 @register_loss('GCLLoss')
 class GCLLoss(Loss):
     """Gaussian clouded logit adjustment on the cosine head's logits s * cos (`use_norm`), as GCL's
-    GCLLoss computes them: CE of s * (cos_j - noise_mul * |z_j| * r_j - m [j = y]), z ~ N(0, 1/9)
-    clipped to [-1, 1], drawn afresh for every sample, class and call, r_j = gcl_cloud_scale. The
-    cloud only in training mode; `.eval()` leaves the margin alone. gamma > 0: the focal weighting
-    (1 - p_y) ** gamma (p_y without gradient) of GCL's stage 2 (`train_cls`); gamma 0 is plain CE.
+    GCLLoss computes them: CE of s * (cos_j - noise_mul * |z_j| * r_j - m [j = y]), z normal with
+    standard deviation 1/3 clipped to [-1, 1], drawn afresh for every sample, class and call (mixup's
+    two label sets get two draws, as theirs), r_j = gcl_cloud_scale. The cloud only in training mode;
+    `.eval()` leaves the margin alone. gamma > 0: the focal weighting (1 - p_y) ** gamma (p_y without
+    gradient) of GCL's stage 2 (their `train_cls`); gamma 0 is plain CE.
 
     z comes from torch's global generator of the logits' device (seeded by the scripts, saved in
     checkpoints), so a resumed run draws what the uninterrupted run would have drawn."""
@@ -212,13 +213,16 @@ class GCLLoss(Loss):
     def cosine_scale(cfg):
         return cfg.loss.GCL.s
 
-    def forward(self, logits, target):
+    def adjusted_logits(self, logits, target):
+        """The logits the loss takes the CE of: the cloud (training mode only) and the margin taken off."""
         logits = logits.float()
         if self.training and self.noise_mul > 0:
             z = torch.randn(logits.shape, device=logits.device) * (1 / 3)
             logits = logits - (self.s * self.noise_mul) * z.clamp_(-1, 1).abs_() * self.cloud_scale
-        logits = logits.scatter_add(1, target[:, None], torch.full_like(logits[:, :1], -self.s * self.m))
-        nll = F.cross_entropy(logits, target, reduction='none')
+        return logits.scatter_add(1, target[:, None], torch.full_like(logits[:, :1], -self.s * self.m))
+
+    def forward(self, logits, target):
+        nll = F.cross_entropy(self.adjusted_logits(logits, target), target, reduction='none')
         if self.gamma > 0:
             nll = (1 - torch.exp(-nll.detach())) ** self.gamma * nll
         return nll.mean()
