@@ -226,7 +226,8 @@ def test_gcl_row_end_to_end_through_reproduce_and_eval(cifar10_root, tmp_path):
         state = torch.load(f'{run}/ckps/model_best.pth.tar', weights_only=True)
         for k, v in stage1['state_dict_model'].items():
             assert torch.equal(state['state_dict_model'][k], v), k
-        assert not torch.equal(state['state_dict_classifier']['fc.weight'], stage1['state_dict_classifier']['fc.weight'])
+        head, head1 = state['state_dict_classifier']['fc.weight'], stage1['state_dict_classifier']['fc.weight']
+        assert not torch.equal(head, head1)
         evaluated = json.load(open(f'{run}/ckps/model_best.eval.json'))
         summary = json.load(open(f'{run}/summary.json'))
         assert evaluated['top1'] == pytest.approx(summary['best']['top1'])
