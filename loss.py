@@ -7,6 +7,9 @@
   the true class's logit; with `loss.LDAM.reweight_epoch` >= 0, class-balanced weights from then on (DRW).
 - `RIDELoss` (RIDE): each expert's LDAM-DRW loss plus its KL divergence to the experts' mean (`loss.RIDE`).
 - `ResLoss` (ResLT): CE of the branches' sum and of each branch on its own classes (`loss.ResLT`).
+- `GCLLoss` (GCL, Li et al. CVPR 2022): in training, a random "Gaussian cloud" taken off the cosine logits,
+  larger for rarer classes (`loss.GCL.noise_mul`), a margin `loss.GCL.m` on the true class, scale
+  `loss.GCL.s`; with `loss.GCL.gamma` > 0 the focal form of its stage 2.
 
 Every loss is computed in fp32 whatever the autocast dtype of the logits. `build_loss(cfg, cls_num_list)`
 builds the configured one; the epoch loop calls `before_epoch(epoch)` (epoch counted from 0) first.
@@ -49,6 +52,11 @@ class Loss(nn.Module):
     def from_config(cls, cfg, cls_num_list):
         """The loss of `cfg` for a training set of `cls_num_list` images per class."""
         raise NotImplementedError
+
+    @staticmethod
+    def cosine_scale(cfg):
+        """s of the cosine head (`use_norm`): its logits are s times the cosine, the s this loss expects."""
+        return cfg.loss.LDAM.s
 
     def before_epoch(self, epoch):
         """Called before each epoch (counted from 0); a loss that changes over training (DRW) does it here."""
@@ -274,6 +282,67 @@ class ResLoss(Loss):
         member = self.member[target].float()
         individual = (nll * member).sum() / member.sum()
         return (1 - self.beta) * fused + self.beta * individual
+
+
+# -- GCL ---------------------------------------------------------------------------------------------
+def gcl_cloud_scale(cls_num_list):
+    """(log n_max - log n_c) / (log n_max - log n_min) of each class: 0 at the largest, 1 at the smallest
+    (all 0 when every class has as many images, where GCL's own division would give 0 / 0)."""
+    log_counts = np.log(np.asarray(cls_num_list, dtype=np.float64))
+    rarity = log_counts.max() - log_counts
+    return torch.tensor(rarity / rarity.max() if rarity.max() > 0 else rarity, dtype=torch.float32)
+
+
+@register_loss('GCLLoss')
+class GCLLoss(Loss):
+    """Gaussian clouded logit adjustment on the cosine head's logits s * cos (`use_norm`), as GCL's
+    GCLLoss computes them: CE of s * (cos_j - noise_mul * |z_j| * r_j - m [j = y]), z normal with
+    standard deviation 1/3 clipped to [-1, 1], drawn afresh for every sample, class and call (mixup's
+    two label sets get two draws, as theirs), r_j = gcl_cloud_scale. The cloud only in training mode;
+    `.eval()` leaves the margin alone. gamma > 0: the focal weighting (1 - p_y) ** gamma (p_y without
+    gradient) of GCL's stage 2 (their `train_cls`); gamma 0 is plain CE.
+
+    z comes from torch's global generator of the logits' device (seeded by the scripts, saved in
+    checkpoints), so a resumed run draws what the uninterrupted run would have drawn."""
+
+    def __init__(self, cls_num_list, m=0.0, s=30.0, noise_mul=0.5, gamma=0.0):
+        super().__init__()
+        self.register_buffer('cloud_scale', gcl_cloud_scale(cls_num_list))
+        self.m, self.s, self.noise_mul, self.gamma = m, s, noise_mul, gamma
+
+    @staticmethod
+    def check_config(cfg):
+        gcl = cfg.loss.GCL
+        need(gcl.s > 0, f'loss.GCL.s {gcl.s} must be positive (the logit scale: 30 in GCL stage 1, 20 in stage 2)')
+        need(gcl.noise_mul >= 0, f'loss.GCL.noise_mul {gcl.noise_mul} must be 0 (no cloud) or more (GCL: 0.5)')
+        need(gcl.m >= 0, f'loss.GCL.m {gcl.m} must be 0 or more (the margin on the cosine: 0 in GCL stage 1, '
+             f'0.1 in stage 2)')
+        need(gcl.gamma >= 0, f'loss.GCL.gamma {gcl.gamma} must be 0 (CE) or more (focal: 1 in GCL stage 2)')
+        need(cfg.use_norm, 'loss.type GCLLoss works on cosine logits; set use_norm True')
+        need(not cfg.lws, 'loss.type GCLLoss expects the logits s * cosine, which lws rescales; set lws False')
+
+    @classmethod
+    def from_config(cls, cfg, cls_num_list):
+        gcl = cfg.loss.GCL
+        return cls(cls_num_list, gcl.m, gcl.s, gcl.noise_mul, gcl.gamma)
+
+    @staticmethod
+    def cosine_scale(cfg):
+        return cfg.loss.GCL.s
+
+    def adjusted_logits(self, logits, target):
+        """The logits the loss takes the CE of: the cloud (training mode only) and the margin taken off."""
+        logits = logits.float()
+        if self.training and self.noise_mul > 0:
+            z = torch.randn(logits.shape, device=logits.device) * (1 / 3)
+            logits = logits - (self.s * self.noise_mul) * z.clamp_(-1, 1).abs_() * self.cloud_scale
+        return logits.scatter_add(1, target[:, None], torch.full_like(logits[:, :1], -self.s * self.m))
+
+    def forward(self, logits, target):
+        nll = F.cross_entropy(self.adjusted_logits(logits, target), target, reduction='none')
+        if self.gamma > 0:
+            nll = (1 - torch.exp(-nll.detach())) ** self.gamma * nll
+        return nll.mean()
 
 
 def build_loss(cfg, cls_num_list):

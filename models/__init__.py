@@ -1,3 +1,4 @@
+from loss import LOSSES
 from utils.errors import UserError
 from .heads import HEADS, Classifier, ExpertClassifier, LearnableWeightScaling, NormedLinear, ResClassifier
 from .resnet_cifar import BACKBONES as CIFAR_BACKBONES
@@ -11,7 +12,7 @@ BACKBONES = {**CIFAR_BACKBONES, **IMAGENET_BACKBONES}
 
 def build_model(cfg):
     """The backbone named by `cfg.backbone` and a `Classifier` for `cfg.num_classes` classes (cosine,
-    scaled by loss.LDAM.s, with `use_norm`; MiSLAS's learnable weight scaling with `lws`). Without a
+    scaled by the s of loss.type, with `use_norm`; MiSLAS's learnable weight scaling with `lws`). Without a
     checkpoint to resume, the backbone starts from `cfg.pretrained` where given.
 
     A multi-expert backbone (RIDE's) has `num_experts` experts (widths per `reduce_dimension`) and gets
@@ -32,4 +33,5 @@ def build_model(cfg):
     if experts:
         return backbone, ExpertClassifier(backbone.out_channels, cfg.num_classes, num_experts, cfg.use_norm,
                                           cfg.loss.RIDE.s)
-    return backbone, Classifier(backbone.out_channels, cfg.num_classes, cfg.use_norm, cfg.loss.LDAM.s, cfg.lws)
+    scale = LOSSES[cfg.loss.type].cosine_scale(cfg)
+    return backbone, Classifier(backbone.out_channels, cfg.num_classes, cfg.use_norm, scale, cfg.lws)

@@ -8,7 +8,8 @@
 # METHOD=mislas: ..._stage1_ce_mixup.yaml and ..._stage2_mislas_H2T.yaml (rho 0 is MiSLAS itself);
 # METHOD=ldam_drw: ..._stage1_ldam_drw.yaml and ..._stage2_ldam_drw_H2T.yaml; METHOD=ride:
 # ..._stage1_ride.yaml and ..._stage2_ride_H2T.yaml; METHOD=reslt: ..._stage1_reslt.yaml and
-# ..._stage2_reslt_H2T.yaml (rho 0 is the method's stage 2 alone). Environment:
+# ..._stage2_reslt_H2T.yaml; METHOD=gcl: ..._stage1_gcl.yaml and ..._stage2_gcl_H2T.yaml (rho 0 is the
+# method's stage 2 alone). Environment:
 #   STAGE1_OVERRIDES / STAGE2_OVERRIDES  extra `KEY VALUE` pairs (e.g. "num_epochs 2")
 #   STAGE1_CKPT                          skip stage 1 and start stage 2 from this checkpoint (a run's
 #                                        ckps/model_best.pth.tar, or model-zoo weights under results/)
@@ -37,7 +38,8 @@ case ${METHOD:-ce} in
     ldam_drw) stage1=stage1_ldam_drw; stage2=stage2_ldam_drw_H2T ;;
     ride) stage1=stage1_ride; stage2=stage2_ride_H2T ;;
     reslt) stage1=stage1_reslt; stage2=stage2_reslt_H2T ;;
-    *) echo "error: METHOD $METHOD is unknown; use ce, mislas, ldam_drw, ride or reslt" >&2; exit 2 ;;
+    gcl) stage1=stage1_gcl; stage2=stage2_gcl_H2T ;;
+    *) echo "error: METHOD $METHOD is unknown; use ce, mislas, ldam_drw, ride, reslt or gcl" >&2; exit 2 ;;
 esac
 cfg1=${prefix}_${stage1}.yaml
 cfg2=${prefix}_${stage2}.yaml

@@ -55,7 +55,8 @@ _C.head_class_idx = [0, 1]   # [start, end) of the many-shot classes
 _C.med_class_idx = [0, 1]
 _C.tail_class_idx = [0, 1]
 _C.classifier = 'Classifier'
-_C.use_norm = False          # Classifier: s * cosine of normalised features and weights (LDAM), s = loss.LDAM.s
+_C.use_norm = False          # Classifier: s * cosine of normalised features and weights (LDAM, GCL), s = loss.LDAM.s
+                             # (loss.GCL.s with GCLLoss)
 _C.lws = False               # stage 2: MiSLAS's learnable per-class scale of the logits, learned at the full LR
                              # (lr_scheduler.lr_factor scales the classifier's LR only, as in MiSLAS)
 _C.num_experts = 1           # multi-expert backbones (resnet32_ride_fe): the number of experts (RIDE: 3)
@@ -64,12 +65,12 @@ _C.reduce_dimension = False  # resnet32_ride_fe: RIDE's narrower experts, layer2
 # loss (loss.py), the authors' keys and defaults
 _C.loss = CN()
 _C.loss.type = 'CrossEntropyLoss'  # registered in loss.py: 'CrossEntropyLoss' | 'LabelAwareSmoothing' | 'LDAMLoss' |
-                                   # 'RIDELoss' | 'ResLoss'
+                                   # 'RIDELoss' | 'ResLoss' | 'GCLLoss'
 _C.loss.CE = CN()
 _C.loss.CE.reweight_CE = False     # class-balanced weights, beta 0.9999
 _C.loss.LDAM = CN()
 _C.loss.LDAM.max_m = 0.5           # the largest margin (the rarest class)
-_C.loss.LDAM.s = 30.0
+_C.loss.LDAM.s = 30.0               # also the cosine head's scale (use_norm) for the losses without an s
 _C.loss.LDAM.reweight_epoch = -1   # DRW: class-balanced weights after this epoch (counted from 0); -1 never
 _C.loss.LAS = CN()
 _C.loss.LAS.shape = 'concave'      # how smoothing falls from smooth_head to smooth_tail: concave|linear|convex|exp
@@ -89,6 +90,11 @@ _C.loss.ResLT = CN()
 _C.loss.ResLT.beta = 0.998
 _C.loss.ResLT.branch_starts = []   # [m, t]: the medium branch learns classes m.. and the tail branch t.. (classes
                                    # sorted largest first); the head branch learns all
+_C.loss.GCL = CN()                 # GCL (Keke921/GCLLoss): the values of its CIFAR stage 1
+_C.loss.GCL.m = 0.0                # margin on the true class's cosine (stage 2: 0.1)
+_C.loss.GCL.s = 30.0               # logit scale, also the cosine head's (stage 2: 20)
+_C.loss.GCL.noise_mul = 0.5        # amplitude of the Gaussian cloud at the rarest class
+_C.loss.GCL.gamma = 0.0            # focal exponent: 0 = CE (stage 1), 1 in stage 2 (their train_cls)
 _C.smooth_head = None              # LabelAwareSmoothing: smoothing of the largest class (MiSLAS key)
 _C.smooth_tail = None              # ... and of the smallest
 
