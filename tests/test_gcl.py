@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import train_stage1
-from conftest import ROOT, run_script
+from conftest import ROOT, args, only_run, run_script
 from loss import GCLLoss, build_loss, gcl_cloud_scale
 from models import NormedLinear, build_model
-from test_sturdy import args, assert_same_weights, interrupt_at_epoch, only_run
+from test_resume import assert_same_weights, interrupt_at_epoch
 from utils.config import load_config
 from utils.errors import UserError
 

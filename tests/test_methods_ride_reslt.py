@@ -12,7 +12,7 @@ from torch.nn.functional import cross_entropy
 import eval as eval_script
 import train_stage1
 import train_stage2
-from conftest import ROOT, run_script
+from conftest import ROOT, args, only_run, run_script
 from loss import ResLoss, RIDELoss
 from methods import H2T
 from models import ExpertClassifier, ResClassifier, build_model, resnet32_ride_fe
@@ -20,7 +20,6 @@ from utils.config import get_default_config, load_config
 from utils.engine import final_logits, stage2_loss
 from utils.errors import UserError
 from utils.setup import Experiment
-from test_sturdy import args, only_run
 
 CPU = torch.device('cpu')
 CIFAR10 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001')
