@@ -11,8 +11,6 @@ add (this project's `resume` and `eval.py` read it; their scripts need the prefi
 import argparse
 import os
 
-import torch
-
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserError, run_cli
 

@@ -13,11 +13,10 @@ import sys
 import pytest
 import torch
 
-import train_stage1
-from conftest import ROOT, args, only_run, run_script
+from conftest import ROOT, run_script
 from loss import GCLLoss, build_loss, gcl_cloud_scale
 from models import NormedLinear, build_model
-from test_resume import assert_same_weights, interrupt_at_epoch
+from test_resume import assert_same_weights, stage1_straight_and_resumed
 from utils.config import load_config
 from utils.errors import UserError
 
@@ -238,13 +237,5 @@ def test_gcl_row_end_to_end_through_reproduce_and_eval(cifar10_root, tmp_path):
 def test_gcl_stage1_resumes_bit_identical(cifar10_root, tmp_path, monkeypatch):
     """The cloud's draws come from the generators the checkpoint saves: an interrupted run continues
     exactly as the straight one."""
-    straight, broken = tmp_path / 'straight', tmp_path / 'broken'
-    train_stage1.main(args(STAGE1, cifar10_root, straight, 'num_epochs', '2'))
-    interrupt_at_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage1.main(args(STAGE1, cifar10_root, broken, 'num_epochs', '2'))
-    monkeypatch.undo()
-    run = only_run(broken)
-    train_stage1.main(args(STAGE1, cifar10_root, broken, 'num_epochs', '2', 'resume', f'{run}/ckps/current.pth.tar',
-                           'auto_resume', 'True'))
-    assert_same_weights(f'{only_run(straight)}/ckps/current.pth.tar', f'{run}/ckps/current.pth.tar')
+    straight, run = stage1_straight_and_resumed(STAGE1, cifar10_root, tmp_path, monkeypatch, 2, 1)
+    assert_same_weights(f'{straight}/ckps/current.pth.tar', f'{run}/ckps/current.pth.tar')

@@ -184,7 +184,7 @@ def test_both_stages_and_eval_on_workers(dataset, imagenet_lt_root, tmp_path):
     lists = inat_json_lists(imagenet_lt_root) if dataset == 'ina2018' else []
     common = ['data_path', imagenet_lt_root, *lists, 'save_dir', str(tmp_path), *TINY, 'workers', '2']
     s1 = ok(run_script('train_stage1.py', '--cfg', stage1, *common))
-    assert f'(IF=6, 10 evaluation images), 28 training images [12, 6, 5, 3, 2]' in s1.stdout
+    assert '(IF=6, 10 evaluation images), 28 training images [12, 6, 5, 3, 2]' in s1.stdout
     run1, = runs(tmp_path, '*stage1_ce_mixup')
     ok(run_script('train_stage2.py', '--cfg', stage2, *common, 'resume', f'{run1}/ckps/model_best.pth.tar'))
     run2, = runs(tmp_path, '*stage2_ce_h2t')

@@ -35,22 +35,29 @@ def assert_same_weights(path_a, path_b):
         assert torch.equal(v['momentum_buffer'], b['optimizer']['state'][k]['momentum_buffer'])
 
 
-def test_stage1_resumed_after_an_interruption_ends_bit_identical(cifar10_root, tmp_path, monkeypatch):
+def stage1_straight_and_resumed(cfg, root, tmp_path, monkeypatch, epochs, stop_epoch):
+    """A stage-1 run of `epochs` epochs, and one interrupted at `stop_epoch` (counted from 0), then continued
+    with auto_resume: returns their run folders (straight, resumed)."""
     straight, broken = tmp_path / 'straight', tmp_path / 'broken'
-    train_stage1.main(args(STAGE1, cifar10_root, straight, 'num_epochs', '3'))
-    interrupt_at_epoch(monkeypatch, 2)
+    train_stage1.main(args(cfg, root, straight, 'num_epochs', str(epochs)))
+    interrupt_at_epoch(monkeypatch, stop_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_stage1.main(args(STAGE1, cifar10_root, broken, 'num_epochs', '3'))
+        train_stage1.main(args(cfg, root, broken, 'num_epochs', str(epochs)))
     monkeypatch.undo()
     run = only_run(broken)
-    assert torch.load(f'{run}/ckps/current.pth.tar', weights_only=True)['epoch'] == 2
-    train_stage1.main(args(STAGE1, cifar10_root, broken, 'num_epochs', '3', 'resume', f'{run}/ckps/current.pth.tar',
+    assert torch.load(f'{run}/ckps/current.pth.tar', weights_only=True)['epoch'] == stop_epoch
+    train_stage1.main(args(cfg, root, broken, 'num_epochs', str(epochs), 'resume', f'{run}/ckps/current.pth.tar',
                            'auto_resume', 'True'))
     assert only_run(broken) == run  # continued in the same folder
-    assert_same_weights(f'{only_run(straight)}/ckps/current.pth.tar', f'{run}/ckps/current.pth.tar')
+    return only_run(straight), run
+
+
+def test_stage1_resumed_after_an_interruption_ends_bit_identical(cifar10_root, tmp_path, monkeypatch):
+    straight, run = stage1_straight_and_resumed(STAGE1, cifar10_root, tmp_path, monkeypatch, 3, 2)
+    assert_same_weights(f'{straight}/ckps/current.pth.tar', f'{run}/ckps/current.pth.tar')
     summary = json.load(open(f'{run}/summary.json'))
     assert [h['epoch'] for h in summary['history']] == [1, 2, 3]
-    straight_summary = json.load(open(f'{only_run(straight)}/summary.json'))
+    straight_summary = json.load(open(f'{straight}/summary.json'))
     assert summary['best'] == straight_summary['best'] and summary['best_epoch'] == straight_summary['best_epoch']
     log = open(glob.glob(f'{run}/logs/*.txt')[0]).read()
     assert 'Epoch [1/3]' in log and 'continuing' in log and 'Epoch [3/3]' in log

@@ -12,8 +12,6 @@ from models import Classifier, ResNet_fe, build_model, resnet32_fe
 from utils.config import get_default_config, load_config
 from utils.engine import learning_rate
 from utils.runtime import compile_in_place
-from utils.setup import Experiment
-
 
 
 def test_stage1_warmup_then_steps():

@@ -79,7 +79,7 @@ def stage2_loss(exp, batch):
             # branch's own statistics, as the recipe does.
             # (f1 copied: under CUDA graphs, compile_mode reduce-overhead, the second call reuses the memory
             # of the first one's output)
-            f1 = backbone(x1).clone()
+            f1 = copied(backbone(x1))
             f2 = backbone(batch[2])
         else:
             # Eval-mode BN is per-sample, so one pass over the concatenation is exactly two passes.
@@ -88,6 +88,11 @@ def stage2_loss(exp, batch):
     with autocast(exp.device, exp.precision):
         out = exp.classifier(fused)
     return classification_loss(exp.criterion, out, y1, mix), out, y1
+
+
+def copied(feats):
+    """A copy of a feature map, or of each expert's map of a list."""
+    return [f.clone() for f in feats] if isinstance(feats, (list, tuple)) else feats.clone()
 
 
 def split_halves(feats):
