@@ -3,6 +3,7 @@
 #   ce        CE + mixup stage 1, then stage 2 at rho 0 (class-balanced re-training) and rho 0.25 (H2T)
 #   mislas    MiSLAS's stage 2 from that same CE + mixup stage 1, without and with H2T
 #   ldam_drw  LDAM-DRW's own stage 1, then its stage 2 without and with H2T
+#   gcl, ride, reslt   likewise, each with its own stage 1 (GCL, RIDE's 3 experts, ResLT's branches)
 # and every stage-2 setting for each seed. Each (IF, stage 1) is one job of scripts/reproduce.sh calls (the
 # MiSLAS runs follow the CE runs, which share their stage 1); JOBS jobs run side by side on one device.
 #
@@ -12,7 +13,7 @@
 #
 # Environment (all optional):
 #   PREFIXES   config prefixes, dataset and IF (default: the six above, e.g. cifar100_imb0005 for IF 200)
-#   METHODS    rows (default: ce mislas ldam_drw)      SEEDS   stage-2 seeds (default: 0 1 2)
+#   METHODS    rows (default: ce mislas ldam_drw)      SEEDS   stage-2 seeds (default: 0 1 2); also gcl ride reslt
 #   RHOS       stage-2 rhos (default: 0 0.25)          FROM    stage-1 checkpoint(s) stage 2 starts from
 #                                                              (best and/or last, default best; see reproduce.sh)
 #   JOBS       jobs at a time (default 1). On CPU each gets OMP_NUM_THREADS = cores / JOBS unless it is set
@@ -68,20 +69,22 @@ if [ -n "${BUDGET:-}" ]; then
     budget=$(seconds "$BUDGET") || die "BUDGET $BUDGET is not a duration; write e.g. 3h, 90m, 1h30m or 5400 (seconds)"
 fi
 command -v setsid > /dev/null || die "setsid not found; install util-linux (each job runs in its own process group)"
+own_stage1='ldam_drw gcl ride reslt'  # the methods with a stage 1 of their own: each its own job
 for method in $methods; do
-    [[ $method =~ ^(ce|mislas|ldam_drw)$ ]] || die "METHODS takes ce, mislas and ldam_drw, not $method"
+    [[ $method =~ ^(ce|mislas|ldam_drw|gcl|ride|reslt)$ ]] ||
+        die "METHODS takes ce, mislas, ldam_drw, gcl, ride and reslt, not $method"
 done
 [ -n "${OMP_NUM_THREADS:-}" ] || export OMP_NUM_THREADS=$(( $(nproc) / jobs_at_once > 0 ? $(nproc) / jobs_at_once : 1 ))
 
-# the jobs: per prefix, the CE + mixup stage 1 with its rows (ce, then mislas), and LDAM-DRW's stage 1 with its row
+# the jobs: per prefix, the CE + mixup stage 1 with its rows (ce, then mislas), and each own stage 1 with its row
 queue=()
 for name in $prefixes; do
     prefix=config/${name%%_*}/$name
     [ -f "${prefix}_stage1_ce_mixup.yaml" ] ||
         die "no configs for $name under config/${name%%_*}/; use prefixes like cifar100_imb001"
-    ce_rows=$(for m in $methods; do [[ $m == ldam_drw ]] || echo -n "$m "; done)
+    ce_rows=$(for m in $methods; do [[ " $own_stage1 " == *" $m "* ]] || echo -n "$m "; done)
     [ -z "$ce_rows" ] || queue+=("$prefix ${ce_rows% }")
-    [[ " $methods " != *" ldam_drw "* ]] || queue+=("$prefix ldam_drw")
+    for m in $methods; do [[ " $own_stage1 " != *" $m "* ]] || queue+=("$prefix $m"); done
 done
 mkdir -p "$SAVE_DIR"
 start=$SECONDS
@@ -120,7 +123,7 @@ report() {
     for job in "${queue[@]}"; do echo "not started: $job"; done
     [ $stopped = 1 ] || [ ${#queue[@]} -gt 0 ] || return 0
     for name in $prefixes; do
-        for kind in ce_mixup ldam_drw; do
+        for kind in ce_mixup $own_stage1; do
             run=$({ ls -dt "$SAVE_DIR/${name}_stage1_${kind}"_[0-9]*/ 2> /dev/null || true; } | head -1 | sed 's:/$::')
             [ -n "$run" ] && [ ! -f "$run/summary.json" ] || continue
             if [ -f "$run/ckps/current.pth.tar" ]; then
