@@ -164,3 +164,11 @@ def test_the_authors_if100_files_train_both_stages(cifar100_root, tmp_path):
                             'save_dir', tmp_path / 's2', *tiny, 'resume', best)
     assert code == 0, err[-2000:]
     assert os.path.isfile(f'{only_run(tmp_path / "s2")}/summary.json')
+
+
+def test_mixup_on_an_authors_stage2_file_without_alpha_is_one_line(tmp_path):
+    """The authors' stage-2 files set `alpha: null` (mixup off); turning mixup on there names the missing alpha."""
+    code, _, err = run_main('train_stage2.py', '--cfg', fixture('cifar100_imb001_stage2_ce_H2T.yaml'),
+                            'save_dir', tmp_path / 's', 'mixup', 'True')
+    assert_one_line_error(code, err, 'mixup True needs alpha')
+    assert not (tmp_path / 's').exists()

@@ -263,6 +263,9 @@ def check_config(cfg):
          f'H2T {cfg.H2T} fuses channels of the instance-sampled branch, which sampler.dual_sample.enable False '
          f'turns off; set sampler.dual_sample.enable True, or H2T 0 for plain class-balanced re-training')
     need(cfg.batch_size >= 1, f'batch_size {cfg.batch_size} must be at least 1')
+    need(not cfg.mixup or (isinstance(cfg.alpha, (int, float)) and not isinstance(cfg.alpha, bool)),
+         f'mixup True needs alpha, the Beta(alpha, alpha) of its mixing weight, but alpha is {cfg.alpha}; set alpha '
+         f'1.0 (CIFAR) or mixup False')
     need(cfg.eval_batch_size >= 1, f'eval_batch_size {cfg.eval_batch_size} must be at least 1')
     need(cfg.num_epochs >= 1, f'num_epochs {cfg.num_epochs} must be at least 1')
     need(cfg.lr > 0, f'lr {cfg.lr} must be positive')
