@@ -112,10 +112,17 @@ def test_a_cuda_run_resumes_from_a_checkpoint_without_cuda_state(cuda_generators
 
 
 # -- SyncBatchNorm -----------------------------------------------------------------------------------
-def test_sync_bn_on_cpu_is_a_one_line_error():
+def test_sync_bn_with_several_cpu_processes_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
     with pytest.raises(UserError, match=r"^sync_bn True needs CUDA GPUs .*SyncBatchNorm runs on GPUs only.*; drop "
                                         r"sync_bn$"):
         runtime.select_device(config('device', 'cpu', 'sync_bn', 'True'))
+
+
+def test_a_sync_bn_config_runs_in_one_cpu_process(monkeypatch):
+    """A multi-GPU run's config (sync_bn True) evaluates on a laptop: one process has nothing to synchronise."""
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    assert runtime.select_device(config('device', 'cpu', 'sync_bn', 'True')) == torch.device('cpu')
 
 
 @pytest.mark.parametrize('sync_bn', [True, False])

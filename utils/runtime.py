@@ -14,6 +14,7 @@ from collections import namedtuple
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import UserError
 
 
@@ -28,8 +29,9 @@ def select_device(cfg):
         raise UserError(f"device {name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'device {name} asked for, but CUDA is not available here; use device auto or cpu')
-    if cfg.sync_bn and device.type != 'cuda':
-        # torch's SyncBatchNorm has GPU kernels only: a CPU run under torchrun would fail at its first step
+    if cfg.sync_bn and device.type != 'cuda' and distributed.launched_by_torchrun():
+        # torch's SyncBatchNorm has GPU kernels only: a CPU run under torchrun would fail at its first step.
+        # One process never converts (nothing to synchronise), so evaluating such a run's config on a CPU works.
         raise UserError(f'sync_bn True needs CUDA GPUs (torch\'s SyncBatchNorm runs on GPUs only), but the device is '
                         f'{device}; drop sync_bn')
     return device
