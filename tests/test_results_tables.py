@@ -15,9 +15,9 @@ from conftest import ROOT
 
 README = os.path.join(ROOT, 'README.md')
 IMB = {200: '0005', 100: '001', 50: '002', 10: '01'}  # the config and results folders' imb_factor code
-# `best`, `best ± sd` or `best (sd)`, then `(last x)`, maybe a footnote mark
+# `best`, `best ± sd` or `best (sd)`, then `(last x)`, maybe a footnote mark (*, †, ‡)
 FIGURE = re.compile(r'^(?P<best>\d+\.\d+)(?: ± (?P<sd>\d+\.\d+)| \((?P<sd2>\d+\.\d+)\))?'
-                    r'(?: \(last (?P<last>\d+\.\d+)\))?[*†]?$')
+                    r'(?: \(last (?P<last>\d+\.\d+)\))?[*†‡]?$')
 
 
 LINK = re.compile(r'\[([^\]]*)\]\([^)]*\)')
