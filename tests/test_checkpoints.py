@@ -104,9 +104,10 @@ ZOO = sorted(glob.glob(os.path.join(ROOT, 'results', '*', 'weights', '*.pth.tar'
 @pytest.mark.parametrize('path', ZOO, ids=[os.path.basename(p) for p in ZOO])
 def test_committed_model_zoo_loads_into_the_model_of_its_config(path):
     """Each committed weights file fits the model its config builds, and its eval.json is of that file."""
-    table = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    table = os.path.basename(os.path.dirname(os.path.dirname(path)))  # e.g. cifar100_imb001[_ldam_drw]
+    dataset, imbalance = table.split('_')[:2]
     stage = re.sub(r'(_rho[0-9.]+)?_(best|last)\.pth\.tar$', '', os.path.basename(path))
-    cfg_file = os.path.join(ROOT, 'config', table.split('_')[0], f'{table}_{stage}.yaml')
+    cfg_file = os.path.join(ROOT, 'config', dataset, f'{dataset}_{imbalance}_{stage}.yaml')
     cfg = load_config(cfg_file)
     backbone, classifier = build_model(cfg)
     ckpt = load_checkpoint(path)
