@@ -49,6 +49,10 @@ def runs(folder):
     return json.load(open(path))['runs']
 
 
+def stage1_runs(folder):
+    return [r for r in runs(folder) if r['stage'] == 'stage1']
+
+
 def stage2_runs(folder, rho, start='best'):
     return [r for r in runs(folder) if r['stage'] == 'stage2' and r.get('from', 'best') == start
             and abs(r['H2T'] - rho) < 1e-9]
@@ -90,7 +94,7 @@ def test_main_table_agrees_with_the_recorded_runs():
                     continue
                 what = f'{row[0]} IF {row[1]}, {name}'
                 if name.startswith('stage 1'):
-                    selected = [r for r in runs(folder) if r['stage'] == 'stage1']
+                    selected = stage1_runs(folder)
                 else:
                     selected = stage2_runs(folder, 0.0 if 'rho=0' in name else 0.25)
                 check_figure(cell, selected, what)
@@ -121,7 +125,7 @@ def test_methods_table_agrees_with_the_recorded_runs_and_its_differences():
                 if '+ H2T' in row[0]:
                     selected = stage2_runs(folder, 0.25)
                 elif method in OWN_STAGE1:
-                    selected = [r for r in runs(folder) if r['stage'] == 'stage1']
+                    selected = stage1_runs(folder)
                 else:
                     selected = stage2_runs(folder, 0.0)
                 value = check_figure(here, selected, what)
