@@ -104,6 +104,26 @@ def test_model_zoo_weights_reproduce_the_checkpoints_figures(pipeline, tmp_path)
     assert all(ours[k] == original[k] for k in ('top1', 'per_class_acc', 'ece'))
 
 
+def test_half_precision_zoo_weights_are_half_the_size_and_evaluate_alike(pipeline, tmp_path):
+    """export_weights --half: fp16 floats (integer buffers untouched), about half the bytes, and eval.py loads
+    them into the fp32 model, giving the checkpoint's figures up to fp16 rounding."""
+    full, half = tmp_path / 'full.pth.tar', tmp_path / 'half.pth.tar'
+    ckpt = f"{pipeline['run2']}/ckps/model_best.pth.tar"
+    ok(run_main('scripts/export_weights.py', ckpt, str(full)))
+    ok(run_main('scripts/export_weights.py', ckpt, str(half), '--half'))
+    zoo, zoo32 = torch.load(half, weights_only=True), torch.load(full, weights_only=True)
+    for part in ('state_dict_model', 'state_dict_classifier'):
+        for k, v in zoo[part].items():
+            ref = zoo32[part][k]
+            assert v.dtype == (torch.float16 if ref.is_floating_point() else ref.dtype), k
+            assert torch.equal(v, ref.half()) if ref.is_floating_point() else torch.equal(v, ref), k
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    ok(run_main('eval.py', '--cfg', STAGE2, *pipeline['common'], 'resume', str(half)))
+    ours = json.load(open(tmp_path / 'half.eval.json'))
+    original = json.load(open(f"{pipeline['run2']}/ckps/model_best.eval.json"))
+    assert abs(ours['top1'] - original['top1']) <= 1.0  # 1 % is one image of this test's 100
+
+
 def test_cifar100_runs(cifar100_root, tmp_path):
     save = str(tmp_path / 'saved')
     ok(run_main('train_stage1.py', '--cfg', os.path.join(ROOT, 'config/cifar100/cifar100_imb001_stage1_ce_mixup.yaml'),
