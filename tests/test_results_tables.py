@@ -58,6 +58,13 @@ def stage2_runs(folder, rho, start='best'):
             and abs(r['H2T'] - rho) < 1e-9]
 
 
+def h2t_runs(folder):
+    """The folder's H2T stage-2 runs: its one non-zero rho (0.25, or a method's own, e.g. ResLT's 0.4)."""
+    rhos = {r['H2T'] for r in runs(folder) if r['stage'] == 'stage2' and r.get('from', 'best') == 'best'} - {0.0}
+    assert len(rhos) == 1, f'results/{folder} holds H2T runs at rho {sorted(rhos)}; the table reports one rho'
+    return stage2_runs(folder, rhos.pop())
+
+
 def close(shown, value):
     """`shown` is `value` rounded to the shown decimals."""
     decimals = len(shown.split('.')[1])
@@ -123,7 +130,7 @@ def test_methods_table_agrees_with_the_recorded_runs_and_its_differences():
                 folder = f'cifar100_imb{IMB[if_here]}_{method.lower().replace("-", "_")}'
                 what = f'{row[0]}, IF {if_here}'
                 if '+ H2T' in row[0]:
-                    selected = stage2_runs(folder, 0.25)
+                    selected = h2t_runs(folder)
                 elif method in OWN_STAGE1:
                     selected = stage1_runs(folder)
                 else:
