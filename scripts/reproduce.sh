@@ -2,6 +2,9 @@
 # Reproduce one row: stage 1, then stage 2 from that checkpoint for each rho, eval, and a summary.
 #
 #   scripts/reproduce.sh config/cifar10/cifar10_imb001 [RHO ...]        (default rhos: 0 0.25 0.5 1.0)
+#   METHOD=reslt scripts/reproduce.sh config/cifar100/cifar100_imb001 0 config
+#
+# A rho of `config` is the H2T value the stage-2 config sets (0.25; the ResLT authors' 0.4).
 #   SEEDS="0 1 2" FROM="best last" scripts/reproduce.sh config/cifar100/cifar100_imb001 0 0.25
 #
 # Uses ${PREFIX}_stage1_ce_mixup.yaml and ${PREFIX}_stage2_ce_H2T.yaml (METHOD=ce, the default);
@@ -53,6 +56,15 @@ name=$(basename "$prefix")
 save=${SAVE_DIR:-saved}
 results=${RESULTS:-results/$name}
 py=${PYTHON:-python}
+for i in "${!rhos[@]}"; do
+    if [ "${rhos[$i]}" = config ]; then
+        rhos[$i]=$("$py" -c 'import sys; from utils.config import load_config; print(load_config(sys.argv[1]).H2T)' \
+            "$cfg2") || { echo "error: cannot read H2T from $cfg2" >&2; exit 2; }
+    fi
+    awk -v r="${rhos[$i]}" 'BEGIN { exit !(r ~ /^([0-9]*[.])?[0-9]+$/ && r + 0 <= 1) }' || {
+        echo "error: rho ${rhos[$i]} is not a fraction from 0 to 1; give rhos like 0 0.25, or config" >&2; exit 2; }
+done
+echo "== $cfg2: rhos ${rhos[*]}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$save"
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the whole CIFAR table: CIFAR-100-LT IF 200 / 100 / 50 and CIFAR-10-LT IF 100 / 50 / 10, each with
-#   ce        CE + mixup stage 1, then stage 2 at rho 0 (class-balanced re-training) and rho 0.25 (H2T)
+#   ce        CE + mixup stage 1, then stage 2 at rho 0 (class-balanced re-training) and rho 0.25 (H2T;
+#             ResLT's stage 2 fuses at its authors' 0.4)
 #   mislas    MiSLAS's stage 2 from that same CE + mixup stage 1, without and with H2T
 #   ldam_drw  LDAM-DRW's own stage 1, then its stage 2 without and with H2T
 #   gcl, ride, reslt   likewise, each with its own stage 1 (GCL, RIDE's 3 experts, ResLT's branches)
@@ -14,8 +15,9 @@
 # Environment (all optional):
 #   PREFIXES   config prefixes, dataset and IF (default: the six above, e.g. cifar100_imb0005 for IF 200)
 #   METHODS    rows (default: ce mislas ldam_drw)      SEEDS   stage-2 seeds (default: 0 1 2); also gcl ride reslt
-#   RHOS       stage-2 rhos (default: 0 0.25)          FROM    stage-1 checkpoint(s) stage 2 starts from
-#                                                              (best and/or last, default best; see reproduce.sh)
+#   RHOS       stage-2 rhos (default: 0 config, i.e.    FROM    stage-1 checkpoint(s) stage 2 starts from
+#              0 and the stage-2 config's own H2T,     (best and/or last, default best; see reproduce.sh)
+#              0.25; ResLT's 0.4)
 #   JOBS       jobs at a time (default 1). On CPU each gets OMP_NUM_THREADS = cores / JOBS unless it is set
 #   BUDGET     wall-clock limit, e.g. 3h, 90m, 1h30m, 5400 (seconds); default none. At the limit every process
 #              this script started is stopped (their process groups, nothing else), and it prints how to go on
@@ -56,7 +58,7 @@ seconds() {  # 3h, 90m, 1h30m, 45s or plain seconds
     echo "$total"
 }
 
-export PYTHON=${PYTHON:-python} PYTHONUNBUFFERED=1 RHOS=${RHOS:-0 0.25} SEEDS=${SEEDS:-0 1 2} FROM=${FROM:-best}
+export PYTHON=${PYTHON:-python} PYTHONUNBUFFERED=1 RHOS=${RHOS:-0 config} SEEDS=${SEEDS:-0 1 2} FROM=${FROM:-best}
 export SAVE_DIR=${SAVE_DIR:-saved/table}
 export RESULTS_DIR=${RESULTS_DIR:-$SAVE_DIR/results}
 export STAGE1_OVERRIDES=${STAGE1_OVERRIDES:-} STAGE2_OVERRIDES=${STAGE2_OVERRIDES:-}

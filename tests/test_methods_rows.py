@@ -78,7 +78,8 @@ def test_reproduce_runs_a_method_row(method, cifar10_root, stage1_checkpoint, tm
         os.makedirs(zoo.parent)
         shutil.copy(stage1_checkpoint, zoo)
         env['STAGE1_CKPT'] = str(zoo)
-    result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0', '0.25'], cwd=ROOT,
+    # `config`: the stage-2 config's own rho, 0.25 for both
+    result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar10/cifar10_imb001', '0', 'config'], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / 'results' / 'metrics.csv')))

@@ -136,6 +136,22 @@ def test_reproduce_from_last_needs_the_last_epoch(tmp_path):
     assert result.returncode == 2 and 'STAGE1_LAST' in result.stderr
 
 
+def test_reproduce_reads_the_configs_rho_and_rejects_a_bad_one(tmp_path):
+    """A rho of `config` is the stage-2 config's own H2T (the ResLT authors fuse at 0.4), said before anything
+    runs; a rho that is no fraction from 0 to 1 stops it with a one-line error before any run or folder."""
+    env = dict(os.environ, PYTHON=sys.executable, METHOD='reslt', SAVE_DIR=str(tmp_path / 'saved'),
+               STAGE1_CKPT=str(tmp_path / 'absent.pth.tar'))  # stops it right after the rhos are read
+    result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar100/cifar100_imb001', '0', 'config'],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and 'stage2_reslt_H2T.yaml: rhos 0 0.4' in result.stdout
+    env['SAVE_DIR'] = str(tmp_path / 'untouched')
+    for bad in ('1.5', 'quarter'):
+        result = subprocess.run(['bash', 'scripts/reproduce.sh', 'config/cifar100/cifar100_imb001', '0', bad],
+                                cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.startswith(f'error: rho {bad} ')
+        assert result.stderr.count('\n') == 1 and not (tmp_path / 'untouched').exists()
+
+
 TINY = 'num_epochs 1 batch_size 16 eval_batch_size 64 imb_factor 0.1 compile False'
 
 
