@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Reproduce the whole CIFAR table: CIFAR-100-LT IF 200 / 100 / 50 and CIFAR-10-LT IF 100 / 50 / 10, each with
-#   ce        CE + mixup stage 1, then stage 2 at rho 0 (class-balanced re-training) and rho 0.25 (H2T;
-#             ResLT's stage 2 fuses at its authors' 0.4)
+#   ce        CE + mixup stage 1, then stage 2 at rho 0 (class-balanced re-training) and rho 0.25 (H2T)
 #   mislas    MiSLAS's stage 2 from that same CE + mixup stage 1, without and with H2T
 #   ldam_drw  LDAM-DRW's own stage 1, then its stage 2 without and with H2T
-#   gcl, ride, reslt   likewise, each with its own stage 1 (GCL, RIDE's 3 experts, ResLT's branches)
+#   gcl, ride, reslt   likewise, each with its own stage 1 (GCL, RIDE's 3 experts, ResLT's branches;
+#                      ResLT's H2T fuses at its authors' rho 0.4)
 # and every stage-2 setting for each seed. Each (IF, stage 1) is one job of scripts/reproduce.sh calls (the
 # MiSLAS runs follow the CE runs, which share their stage 1); JOBS jobs run side by side on one device.
 #
