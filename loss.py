@@ -172,17 +172,23 @@ def _need_multi_output(out, loss_name, what):
 
 @register_loss('RIDELoss')
 class RIDELoss(Loss):
-    multi_output = True  # takes [B, K, C]; utils.config pairs it with a multi-output head
     """RIDE's distribution-aware diversity loss on the experts' logits [B, E, C] (each s times a cosine):
     sum over experts of base_loss_factor * LDAM(expert) (DRW weights after reweight_epoch) plus
     additional_diversity_factor * T_mean^2 * KL(softmax(mean / T) || softmax(expert / T)), the experts'
     mean held constant. T is base_diversity_temperature, and after reweight_epoch T_c = T * w_c with
     w_c = (C * p_c * f + 1 - f) / max over classes (p_c the class's share of the training set, f the
-    reweight_factor); T_mean is the mean of T_c. A negative factor pushes the experts apart."""
+    reweight_factor); T_mean is the mean of T_c. A negative factor pushes the experts apart.
+
+    `expert_terms` False (config `loss.add_extra_info False`, the authors' default) is what RIDE's and the
+    H2T authors' RIDELoss compute when the experts' logits are not passed to it: plain cross-entropy of
+    the experts' mean, no margins, no diversity term (the H2T authors' RIDE stage 2)."""
+    multi_output = True  # takes [B, K, C]; the config pairs it with a multi-output head
 
     def __init__(self, cls_num_list, base_loss_factor=1.0, additional_diversity_factor=-0.2,
-                 base_diversity_temperature=1.0, reweight_factor=0.05, max_m=0.5, s=30.0, reweight_epoch=-1):
+                 base_diversity_temperature=1.0, reweight_factor=0.05, max_m=0.5, s=30.0, reweight_epoch=-1,
+                 expert_terms=True):
         super().__init__()
+        self.expert_terms = expert_terms
         self.ldam = LDAMLoss(cls_num_list, max_m, s, reweight_epoch)
         share = np.asarray(cls_num_list, dtype=np.float64) / np.sum(cls_num_list)
         weights = len(share) * share * reweight_factor + 1 - reweight_factor
@@ -217,7 +223,7 @@ class RIDELoss(Loss):
         ride = cfg.loss.RIDE
         return cls(cls_num_list, ride.base_loss_factor, ride.additional_diversity_factor,
                    ride.base_diversity_temperature, ride.reweight_factor, ride.max_m, ride.s,
-                   ride.reweight_epoch if ride.reweight else -1)
+                   ride.reweight_epoch if ride.reweight else -1, expert_terms=cfg.loss.add_extra_info)
 
     def before_epoch(self, epoch):
         self.ldam.before_epoch(epoch)
@@ -227,6 +233,8 @@ class RIDELoss(Loss):
         _need_multi_output(logits, 'RIDELoss', "the experts' logits")
         logits = logits.float()
         mean = logits.mean(dim=1)
+        if not self.expert_terms:
+            return F.cross_entropy(mean, target)
         if self.temperature is None:
             temperature, temperature_mean = self.base_temperature, self.base_temperature
         else:
@@ -244,11 +252,11 @@ class RIDELoss(Loss):
 
 @register_loss('ResLoss')
 class ResLoss(Loss):
-    multi_output = True
     """ResLT's loss on the branches' logits [B, 3, C] (head, medium, tail): (1 - beta) * CE(head + medium
     + tail) + beta * (the sum of each branch's CE over the samples of its classes) / (the number of such
     sample-branch pairs). The head branch learns every class, the medium branch classes from
     branch_starts[0], the tail branch classes from branch_starts[1] (classes sorted largest first)."""
+    multi_output = True  # takes [B, 3, C]
 
     def __init__(self, num_classes, branch_starts, beta=0.998):
         super().__init__()

@@ -177,8 +177,9 @@ def test_every_gcl_config_is_shipped_with_the_authors_values():
             assert (cfg.lr_scheduler.milestones, cfg.lr_scheduler.gamma) == ([160, 180], 0.1)
         else:
             assert (cfg.loss.GCL.m, cfg.loss.GCL.s, cfg.loss.GCL.gamma, cfg.num_epochs) == (0.1, 20, 1, 30)
-            # their LR: 0.2 * 0.1 * lr * (1 + cos) = lr_factor * lr * (1 + cos) / 2
-            assert cfg.lr * cfg.lr_scheduler.lr_factor / 2 == pytest.approx(0.2 * 0.1 * 0.1)
+            # their LR (GCL's current cifar_train_classifier.py): 0.1 * 0.1 * lr * (1 + cos) with lr 0.1,
+            # = lr_factor * lr * (1 + cos) / 2 here
+            assert cfg.lr * cfg.lr_scheduler.lr_factor / 2 == pytest.approx(0.1 * 0.1 * 0.1)
             assert cfg.sampler.type == 'weighted sampler' and cfg.sampler.dual_sample.enable and not cfg.shift_bn
 
 

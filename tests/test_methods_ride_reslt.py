@@ -13,7 +13,7 @@ import eval as eval_script
 import train_stage1
 import train_stage2
 from conftest import ROOT, args, only_run, run_script
-from loss import ResLoss, RIDELoss
+from loss import ResLoss, RIDELoss, build_loss
 from methods import H2T
 from models import ExpertClassifier, ResClassifier, build_model, resnet32_ride_fe
 from utils.config import get_default_config, load_config
@@ -171,6 +171,26 @@ def test_ride_loss_of_identical_experts_is_their_ldam_loss_and_without_diversity
         pytest.approx(2 * ce_same, rel=1e-6)  # no diversity term: RIDE trains every expert on the mean
 
 
+def test_ride_loss_without_the_experts_logits_is_cross_entropy_of_their_mean():
+    # the authors' stage 2 (loss.add_extra_info False): no margins, no diversity term, no DRW weights
+    loss = RIDELoss(COUNTS, additional_diversity_factor=-0.2, reweight_factor=REWEIGHT_FACTOR, max_m=0.5, s=1.0,
+                    reweight_epoch=0, expert_terms=False)
+    loss.before_epoch(1)
+    means = [[(EXPERTS[i][0][c] + EXPERTS[i][1][c]) / 2 for c in range(2)] for i in range(2)]
+    by_hand = sum(-log_softmax(means[i], y) for i, y in enumerate(TARGETS)) / 2
+    assert loss(torch.tensor(EXPERTS), torch.tensor(TARGETS)).item() == pytest.approx(by_hand, rel=1e-6)
+    assert by_hand != pytest.approx(ride_by_hand(drw=True), rel=1e-2)
+
+
+@pytest.mark.parametrize('config, expert_terms', [('stage1_ride', True), ('stage2_ride_H2T', False)])
+def test_add_extra_info_picks_rides_loss_in_stage_1_and_the_authors_ce_of_the_mean_in_stage_2(config, expert_terms):
+    cfg = load_config(f'{CIFAR10}_{config}.yaml')
+    loss = build_loss(cfg, [5000, 500, 50, 50, 50, 50, 50, 50, 50, 50])
+    assert loss.expert_terms is expert_terms
+    flipped = load_config(f'{CIFAR10}_{config}.yaml', ['loss.add_extra_info', str(not expert_terms)])
+    assert build_loss(flipped, [10] * 10).expert_terms is not expert_terms
+
+
 def test_res_loss_matches_a_hand_computation():
     logits = [[[2.0, 0.0, 1.0], [0.5, 0.5, 0.0], [0.0, 1.0, -1.0]],   # sample 0, class 0: head branch only
               [[0.0, 1.0, 0.5], [1.0, 0.0, 2.0], [-0.5, 0.0, 1.5]]]   # sample 1, class 2: all three branches
@@ -259,6 +279,16 @@ def test_every_ride_and_reslt_config_is_shipped_and_loads():
             ride.mixup) == (True, True, -0.2, 159, 0.01, 5e-4, True, False)
     reslt = load_config(f'{CIFAR10}_stage2_reslt_H2T.yaml')
     assert (reslt.loss.ResLT.beta, reslt.H2T, reslt.batch_size, reslt.shift_bn) == (0.3, 0.4, 512, False)
+    for ds, imbs in (('cifar100', ('0005', '001', '002')), ('cifar10', ('001', '002', '01'))):
+        for imb in imbs:
+            prefix = os.path.join(ROOT, f'config/{ds}/{ds}_imb{imb}')
+            plain = load_config(f'{prefix}_stage2_reslt.yaml')  # the authors' final plain-ResLT stage 2
+            assert (plain.loss.ResLT.beta, plain.H2T, plain.batch_size, plain.shift_bn) == (0.5, 0, 512, False)
+            ride = load_config(f'{prefix}_stage2_ride_H2T.yaml')  # their ride_mixf values, CE of the mean
+            assert (ride.loss.add_extra_info, ride.batch_size, ride.lr, ride.lr_scheduler.lr_factor, ride.weight_decay,
+                    ride.num_epochs, ride.shift_bn, ride.H2T, ride.mixup) == (False, 512, 0.1, 0.5, 5e-4, 10, False,
+                                                                              0.4, False)
+            assert load_config(f'{prefix}_stage1_ride.yaml').loss.add_extra_info
 
 
 # -- both stages end to end, and eval.py -----------------------------------------------------------

@@ -85,6 +85,8 @@ _C.loss.RIDE.max_m = 0.5                         # LDAM's largest margin
 _C.loss.RIDE.s = 30.0                            # logit scale of the cosine heads (use_norm) and of the margins
 _C.loss.RIDE.reweight = True                     # False: no DRW weights, no per-class temperature
 _C.loss.RIDE.reweight_epoch = -1                 # DRW from the epoch after this one (counted from 0); -1 never
+_C.loss.add_extra_info = False  # RIDELoss gets every expert's logits (True: RIDE's loss, as RIDE's stage 1); False,
+                                # the authors' default: plain CE of the experts' mean (their RIDE stage 2)
 # ResLT's loss (ResLoss): (1 - beta) * CE of the fused logits + beta * the branches' own CE
 _C.loss.ResLT = CN()
 _C.loss.ResLT.beta = 0.998
@@ -135,8 +137,7 @@ _C.alpha = 1.0
 _C.H2T = 0.0                 # rho: fraction of channels fused from the instance branch (stage 2)
 
 # accepted so the authors' YAML files load; not read (multi-process runs are set up by torchrun, see
-# utils/distributed.py; a multi-output loss always receives every expert's or branch's logits)
-_C.loss.add_extra_info = False
+# utils/distributed.py)
 _C.distributed = False
 _C.world_size = -1
 _C.rank = -1
