@@ -15,8 +15,10 @@ Every loss is computed in fp32 whatever the autocast dtype of the logits. `build
 builds the configured one; the epoch loop calls `before_epoch(epoch)` (epoch counted from 0) first.
 
 A loss is a subclass of `Loss` registered under its `loss.type` name with `@register_loss(name)`: it
-checks its config keys (`check_config`, called by utils.config.check_config) and builds itself from the
-config and the training set's class counts (`from_config`). Its keys' defaults go in utils/config.py.
+checks its config keys (`check_config`, called by utils.config.check_config), says what it takes (`takes`:
+one set of logits, the experts' or the branches') and the scale of the cosine head it expects
+(`cosine_scale`), and builds itself from the config and the training set's class counts (`from_config`).
+Its keys' defaults go in utils/config.py.
 """
 import math
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.errors import need
+from common.errors import need
 
 SMOOTHING_SHAPES = ('concave', 'linear', 'convex', 'exp')
 LOSSES = {}  # loss.type -> its Loss class, filled by @register_loss
@@ -43,10 +45,12 @@ def register_loss(name):
 
 class Loss(nn.Module):
     """A classification loss: forward(logits, target) -> the batch's mean loss."""
+    takes = 'logits'  # what its forward takes: one set of 'logits' [B, C], the 'experts' or the 'branches' [B, K, C]
+    pairs_with = ''   # for a loss that takes more than logits: the model settings that give what it takes
 
     @staticmethod
     def check_config(cfg):
-        """Raise UserError (utils.errors.need) for a value of the loss's keys it cannot train with."""
+        """Raise UserError (common.errors.need) for a value of the loss's keys it cannot train with."""
 
     @classmethod
     def from_config(cls, cfg, cls_num_list):
@@ -182,7 +186,7 @@ class RIDELoss(Loss):
     `expert_terms` False (config `loss.add_extra_info False`, the authors' default) is what RIDE's and the
     H2T authors' RIDELoss compute when the experts' logits are not passed to it: plain cross-entropy of
     the experts' mean, no margins, no diversity term (the H2T authors' RIDE stage 2)."""
-    multi_output = True  # takes [B, K, C]; the config pairs it with a multi-output head
+    takes, pairs_with = 'experts', 'backbone resnet32_ride_fe with classifier Classifier'
 
     def __init__(self, cls_num_list, base_loss_factor=1.0, additional_diversity_factor=-0.2,
                  base_diversity_temperature=1.0, reweight_factor=0.05, max_m=0.5, s=30.0, reweight_epoch=-1,
@@ -200,12 +204,7 @@ class RIDELoss(Loss):
 
     @staticmethod
     def check_config(cfg):
-        from models import EXPERT_BACKBONES
         ride = cfg.loss.RIDE
-        need(cfg.backbone in EXPERT_BACKBONES and cfg.classifier == 'Classifier',
-             f'loss.type RIDELoss trains experts, but backbone {cfg.backbone} with classifier {cfg.classifier} has '
-             f'{"branches" if cfg.classifier != "Classifier" else "one head"}; use backbone resnet32_ride_fe with '
-             f'classifier Classifier')
         need(ride.s > 0, f'loss.RIDE.s {ride.s} must be positive (the logit scale, 30 in RIDE)')
         need(ride.max_m > 0, f'loss.RIDE.max_m {ride.max_m} must be positive (0.5 in RIDE)')
         need(ride.base_diversity_temperature > 0,
@@ -217,6 +216,10 @@ class RIDELoss(Loss):
         need(not ride.reweight or ride.reweight_epoch < cfg.num_epochs,
              f'loss.RIDE.reweight_epoch {ride.reweight_epoch} is not below num_epochs {cfg.num_epochs}, so DRW would '
              f'never start; lower it (159 of 200 in RIDE), or set -1 or loss.RIDE.reweight False')
+
+    @staticmethod
+    def cosine_scale(cfg):
+        return cfg.loss.RIDE.s
 
     @classmethod
     def from_config(cls, cfg, cls_num_list):
@@ -256,7 +259,7 @@ class ResLoss(Loss):
     + tail) + beta * (the sum of each branch's CE over the samples of its classes) / (the number of such
     sample-branch pairs). The head branch learns every class, the medium branch classes from
     branch_starts[0], the tail branch classes from branch_starts[1] (classes sorted largest first)."""
-    multi_output = True  # takes [B, 3, C]
+    takes, pairs_with = 'branches', 'classifier ResClassifier'
 
     def __init__(self, num_classes, branch_starts, beta=0.998):
         super().__init__()
@@ -268,9 +271,6 @@ class ResLoss(Loss):
     @staticmethod
     def check_config(cfg):
         res = cfg.loss.ResLT
-        need(cfg.classifier == 'ResClassifier',
-             f'loss.type ResLoss trains ResLT\'s three branches, but classifier {cfg.classifier} has none; set '
-             f'classifier ResClassifier')
         need(0 <= res.beta <= 1, f'loss.ResLT.beta {res.beta} must be in [0, 1] (0.998 in the stage-1 configs)')
         starts = list(res.branch_starts)
         need(len(starts) == 2 and 0 < starts[0] < starts[1] < cfg.num_classes,

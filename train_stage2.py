@@ -6,22 +6,12 @@ The backbone gets no gradient; with `shift_bn: True` it stays in train mode, so 
 running statistics follow the stage-2 data. `H2T` is rho, the fraction of fused channels (0 = cRT).
 To continue an interrupted stage-2 run: `resume saved/<stage-2 run>/ckps/current.pth.tar auto_resume True`.
 """
-from utils import distributed
-from utils.engine import fit, make_optimizer
-from utils.errors import run_cli
-from utils.setup import prepare
+from utils.engine import STAGE2, fit
+from utils.setup import prepare, run_cli
 
 
 def main(argv=None):
-    exp = prepare('Stage 2: classifier re-training', 'stage2', checkpoint='required', argv=argv)
-    cfg = exp.cfg
-    optimizer = make_optimizer(exp.backbone, exp.classifier, cfg)
-    if exp.resume_state is None and exp.run:
-        exp.logger.info(f'{exp.run.name}: {exp.data.description}, H2T rho={cfg.H2T}, '
-                        f'shift_bn={cfg.shift_bn}, from {cfg.resume}, on {exp.device} ({exp.precision}) x '
-                        f'{distributed.world_size()} process(es), run folder {exp.run.dir}')
-    exp.classifier = distributed.wrap(exp.classifier, exp.device)  # the frozen backbone needs no DDP
-    fit(exp, optimizer)
+    fit(prepare(STAGE2, argv))
 
 
 if __name__ == '__main__':

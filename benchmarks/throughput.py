@@ -17,6 +17,7 @@ keep_freed_memory (process-wide, so it cannot differ between alternating rounds)
 second, peak memory, and the ratio b/a last.
 """
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
@@ -24,9 +25,8 @@ import time
 
 import torch
 
-from utils.engine import make_optimizer, set_train_mode, train_step
-from utils.errors import run_cli
-from utils.setup import prepare
+from utils.engine import STAGES, make_optimizer, train_step
+from utils.setup import prepare, run_cli
 
 CONFIGS = {'stage1': 'config/{0}/{0}_imb001_stage1_ce_mixup.yaml', 'stage2': 'config/{0}/{0}_imb001_stage2_ce_H2T.yaml'}
 # keep_freed_memory is process-wide: both paths get it so that their rounds can alternate
@@ -51,11 +51,13 @@ class TrainingSteps:
             overrides += ['compile', 'False']
         if args.compile_mode:
             overrides += ['compile_mode', args.compile_mode]
-        self.exp = prepare('Throughput', argv=['--cfg', os.path.join(root, CONFIGS[stage].format(args.dataset)),
-                                               *overrides])
+        # the stage's steps from the stage's config, without a checkpoint (stage 2 on a random backbone) or a run folder
+        timed = dataclasses.replace(STAGES[stage], needs_checkpoint=False)
+        self.exp = prepare(timed, ['--cfg', os.path.join(root, CONFIGS[stage].format(args.dataset)), *overrides],
+                           record=False)
         self.cfg, self.device = self.exp.cfg, self.exp.device
-        self.optimizer = make_optimizer(self.exp.backbone, self.exp.classifier, self.cfg)
-        set_train_mode(self.exp.backbone, self.exp.classifier, self.cfg)
+        self.optimizer = make_optimizer(self.exp)
+        self.exp.stage.set_train_mode(self.exp)
         self.loader = self.exp.data.train_loader()
         self.stream = self._batches()
         self.mode = (f'{self.exp.precision}, compiled ({self.cfg.compile_mode})' if self.cfg.compile

@@ -1,4 +1,9 @@
-from utils.metrics import config_splits
+"""The datasets, one family a module, behind `build_data(cfg, device)`: CIFAR-10/100-LT (cifar_lt.py) and the
+list datasets ImageNet-LT, Places-LT and iNaturalist 2018 (image_list.py), with their batch loaders
+(loaders.py); `check_config` refuses dataset settings none of them can serve."""
+from common import distributed
+from common.errors import need
+from common.metrics import config_splits
 from .cifar_lt import IMBALANCECIFAR10, IMBALANCECIFAR100, img_num_per_cls
 from .image_list import ImageNet_LT, LT_Dataset, Places_LT, iNa2018
 from .loaders import (DeviceEvalLoader, DeviceTrainLoader, balanced_indices, crop_flip, instance_indices,
@@ -8,6 +13,19 @@ from .loaders import (DeviceEvalLoader, DeviceTrainLoader, balanced_indices, cro
 class CIFAR10_LT:
     """The long-tailed training set, the balanced test set, and the batch loaders a config asks for."""
     dataset_class = IMBALANCECIFAR10
+    num_classes = 10
+
+    @classmethod
+    def check_config(cls, cfg):
+        need(cfg.num_classes == cls.num_classes,
+             f'num_classes {cfg.num_classes} does not match dataset {cfg.dataset} ({cls.num_classes} classes); fix '
+             f'num_classes')
+        need(cfg.data_loader == 'device' or not distributed.launched_by_torchrun(),
+             'multi-process CIFAR runs need data_loader device; drop `data_loader torch` or run one process')
+        for key in ('head_class_idx', 'med_class_idx', 'tail_class_idx'):  # the many / medium / few classes
+            idx = cfg[key]
+            need(len(idx) == 2 and 0 <= idx[0] <= idx[1] <= cfg.num_classes,
+                 f'{key} {list(idx)} must be [start, end) with 0 <= start <= end <= num_classes ({cfg.num_classes})')
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
@@ -43,10 +61,30 @@ class CIFAR10_LT:
 
 class CIFAR100_LT(CIFAR10_LT):
     dataset_class = IMBALANCECIFAR100
+    num_classes = 100
 
 
 DATASETS = {'cifar10': CIFAR10_LT, 'cifar100': CIFAR100_LT, 'imagenet': ImageNet_LT, 'places': Places_LT,
             'ina2018': iNa2018}
+
+
+def check_config(cfg):
+    """The data keys: a known dataset, an imbalance, a loader and samplers it has, and the dataset's own rules."""
+    need(cfg.dataset in DATASETS, f"dataset {cfg.dataset!r} is not supported; use one of {sorted(DATASETS)}")
+    need(cfg.num_classes >= 2, f'num_classes {cfg.num_classes} must be at least 2')
+    need(cfg.image_size >= 32, f'image_size {cfg.image_size} is too small; use 224 (the published crop)')
+    need(cfg.workers >= 0, f'workers {cfg.workers} must be 0 (load in the training process) or more')
+    need(isinstance(cfg.imb_factor, (int, float)) and 0 < cfg.imb_factor <= 1,
+         f'imb_factor {cfg.imb_factor} is outside (0, 1]; it is n_min / n_max, e.g. 0.01 for IF=100')
+    need(cfg.imb_type in ('exp', 'step'), f"imb_type {cfg.imb_type!r} is unknown; use 'exp' or 'step'")
+    need(cfg.data_loader in ('device', 'torch'), f"data_loader {cfg.data_loader!r} is unknown; use 'device' or 'torch'")
+    need(cfg.sampler.type in ('default', 'weighted sampler'),
+         f"sampler.type {cfg.sampler.type!r} is unknown; use 'default' or 'weighted sampler'")
+    need(cfg.sampler.weighted_sampler.type == 'balance',
+         f"sampler.weighted_sampler.type {cfg.sampler.weighted_sampler.type!r} is not supported; use 'balance'")
+    need(cfg.sampler.dual_sample.type == 'long-tailed',
+         f"sampler.dual_sample.type {cfg.sampler.dual_sample.type!r} is not supported; use 'long-tailed'")
+    DATASETS[cfg.dataset].check_config(cfg)
 
 
 def build_data(cfg, device):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.errors import UserError
+from common.errors import UserError
 
 HOME = 'https://www.cs.toronto.edu/~kriz/cifar.html'  # the official files
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy.core.multiarray._reconstruct (numpy._core... in numpy 2)

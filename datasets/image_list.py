@@ -20,8 +20,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from utils import distributed
-from utils.errors import UserError
+from common import distributed
+from common.errors import UserError
 from .loaders import TorchLoader, epoch_indices, eval_batches, global_batch_shards, instance_indices, num_global_batches
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -174,6 +174,10 @@ class ImageNet_LT:
     """The long-tailed training list, the balanced evaluation list, and their loaders."""
     train_list, eval_list = 'ImageNet_LT_train.txt', 'ImageNet_LT_test.txt'
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    @staticmethod
+    def check_config(cfg):
+        """Any num_classes (a list may be a subset); the list's labels are checked against it when read."""
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 
-from utils import distributed
+from common import distributed
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)

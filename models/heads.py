@@ -10,7 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Classifier', 'NormedLinear', 'LearnableWeightScaling', 'ExpertClassifier', 'ResClassifier', 'HEADS']
+from common.errors import need
+
+__all__ = ['Classifier', 'NormedLinear', 'LearnableWeightScaling', 'ExpertClassifier', 'ResClassifier', 'HEADS',
+           'head_class']
 
 
 class NormedLinear(nn.Module):
@@ -40,6 +43,15 @@ class Classifier(nn.Module):
     """Global average pooling + Linear(feat_in, num_classes); with `use_norm`, s times the cosine
     (NormedLinear), the logits LDAMLoss expects (its margins are subtracted as s * m); with `lws`,
     MiSLAS's LearnableWeightScaling after it (stage 2; absent from stage-1 checkpoints, it starts at 1)."""
+    output = 'logits'  # one [B, C] set of logits
+
+    @staticmethod
+    def check_config(cfg):
+        """Every setting of use_norm and lws works on one head."""
+
+    @classmethod
+    def from_config(cls, cfg, feat_in, cosine_scale):
+        return cls(feat_in, cfg.num_classes, cfg.use_norm, cosine_scale, cfg.lws)
 
     def __init__(self, feat_in, num_classes, use_norm=False, s=30.0, lws=False):
         super().__init__()
@@ -72,6 +84,15 @@ class ExpertClassifier(nn.Module):
     """RIDE's per-expert classifiers: expert i pools its own feature map and applies `linears.i` (s times
     the cosine with `use_norm`, as RIDE's CIFAR model). Returns the experts' logits [B, E, C]; the
     prediction is their mean (RIDE without its expert-assignment router)."""
+    output = 'experts'  # [B, E, C]
+
+    @staticmethod
+    def check_config(cfg):
+        need(not cfg.lws, "lws (MiSLAS's weight scaling) needs a single Classifier head; set lws False for experts")
+
+    @classmethod
+    def from_config(cls, cfg, feat_in, cosine_scale):
+        return cls(feat_in, cfg.num_classes, cfg.num_experts, cfg.use_norm, cosine_scale)
 
     def __init__(self, feat_in, num_classes, num_experts, use_norm=False, s=30.0):
         super().__init__()
@@ -93,6 +114,18 @@ class ResClassifier(nn.Module):
     the branches. With several experts (a list of maps, as in the H2T authors' ResLT), each expert has
     its own linear layer (`linear.i`) and the branches' logits are averaged over the experts. Returns
     [B, 3, C] (head, medium, tail); the prediction is their sum, ResLT's residual fusion."""
+    output = 'branches'  # [B, 3, C]
+
+    @staticmethod
+    def check_config(cfg):
+        need(not cfg.lws, "lws (MiSLAS's weight scaling) needs a single Classifier head; set lws False for "
+                          "ResClassifier")
+        need(not cfg.use_norm, 'use_norm gives Classifier a cosine head; ResClassifier has linear heads as ResLT, '
+                               'remove use_norm')
+
+    @classmethod
+    def from_config(cls, cfg, feat_in, cosine_scale):
+        return cls(feat_in, cfg.num_classes, cfg.num_experts)
 
     def __init__(self, feat_in, num_classes, num_experts=1):
         super().__init__()
@@ -113,3 +146,10 @@ class ResClassifier(nn.Module):
 
 
 HEADS = ('Classifier', 'ResClassifier')  # cfg.classifier; Classifier on a multi-expert backbone is ExpertClassifier
+
+
+def head_class(cfg, experts):
+    """The head class of cfg.classifier on a backbone with (`experts`) or without several experts."""
+    if cfg.classifier == 'ResClassifier':
+        return ResClassifier
+    return ExpertClassifier if experts else Classifier

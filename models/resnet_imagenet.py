@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from utils.checkpoint import state_dict_differences
-from utils.errors import UserError
+from common.checkpoint import state_dict_differences
+from common.errors import UserError
 
 STAGES = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')
 

@@ -17,8 +17,9 @@ import os
 
 import torch
 
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import UserError, run_cli
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.errors import UserError
+from utils.setup import run_cli
 
 
 def weights_only(ckpt, dtype=torch.float32):

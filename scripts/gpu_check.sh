@@ -105,18 +105,17 @@ print(f'stage-2 epoch ({s["precision"]}, H2T {s["H2T"]}): {h["time_train_s"]} s 
 EOF
 say "stage 2 timed"
 
-# 4. evaluation of the committed weights (copied: eval.py writes its JSON beside the checkpoint)
+# 4. evaluation of the committed weights, against their committed records
 for spec in "$CFG1 stage1_ce_mixup_best" "$CFG2 stage2_ce_H2T_rho0.25_best"; do
     set -- $spec
-    cp "results/cifar100_imb001/weights/$2.pth.tar" "$SAVE/"
     for precision in fp32 same; do
         "$PY" eval.py --cfg "$1" data_path "$DATA" device "$DEVICE" eval_precision "$precision" ${CHECK_OVERRIDES:-} \
-            resume "$SAVE/$2.pth.tar" > "$OUT/eval_$2_$precision.log" 2>&1
-        cp "$SAVE/$2.eval.json" "$OUT/eval_$2_$precision.json"
-        "$PY" - "$SAVE/$2.eval.json" "results/cifar100_imb001/weights/$2.eval.json" <<'EOF' | tee -a "$summary"
+            resume "results/cifar100_imb001/weights/$2.pth.tar" --out "$OUT/eval_$2_$precision.json" \
+            > "$OUT/eval_$2_$precision.log" 2>&1
+        "$PY" - "$OUT/eval_$2_$precision.json" "results/cifar100_imb001/weights/$2.eval.json" <<'EOF' | tee -a "$summary"
 import json, sys
 here, cpu = (json.load(open(p)) for p in sys.argv[1:])
-print(f'eval {sys.argv[1].rsplit("/", 1)[-1][:-10]} in {here["precision"]}: top-1 {here["top1"]:.2f} top-5 '
+print(f'eval {sys.argv[1].rsplit("/", 1)[-1][5:-5]} in {here["precision"]}: top-1 {here["top1"]:.2f} top-5 '
       f'{here["top5"]:.2f} ECE {here["ece"] * 100:.2f}% (committed, CPU {cpu["precision"]}: top-1 {cpu["top1"]:.2f} '
       f'top-5 {cpu["top5"]:.2f} ECE {cpu["ece"] * 100:.2f}%)')
 EOF

@@ -98,8 +98,8 @@ fi
 
 stage2_run() {  # CKPT RHO SEED RUN_NAME: train, then evaluate its model_best
     "$py" train_stage2.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$1" H2T "$2" seed "$3" name "$4"
-    "$py" eval.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} \
-        resume "$(newest_run "$4")/ckps/model_best.pth.tar"
+    local best; best=$(newest_run "$4")/ckps/model_best
+    "$py" eval.py --cfg "$cfg2" save_dir "$save" ${STAGE2_OVERRIDES:-} resume "$best.pth.tar" --out "$best.eval.json"
 }
 
 names=(); pids=()
@@ -110,7 +110,7 @@ for from in ${FROM:-best}; do
     esac
     # a stage-1 checkpoint evaluated before keeps its record (the zoo's committed eval.json is not rewritten)
     [ -f "${ckpt%.pth.tar}.eval.json" ] ||
-        "$py" eval.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} resume "$ckpt"
+        "$py" eval.py --cfg "$cfg1" save_dir "$save" ${STAGE1_OVERRIDES:-} resume "$ckpt" --out "${ckpt%.pth.tar}.eval.json"
     for seed in ${SEEDS:-0}; do
         for rho in "${rhos[@]}"; do
             run_name=${name}_${stage2%_H2T}${tag}_rho${rho}$([ "$seed" = 0 ] || echo "_seed$seed")

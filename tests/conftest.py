@@ -112,7 +112,7 @@ def run_main(script, *argv):
     import contextlib
     import importlib
     import io
-    from utils.errors import run_cli
+    from utils.setup import run_cli
     module = importlib.import_module(script.removesuffix('.py').replace('/', '.'))
     out, err = (io.TextIOWrapper(io.BytesIO(), encoding='utf-8', write_through=True) for _ in range(2))
     code = 0
@@ -165,25 +165,28 @@ def imagenet_lt_root(tmp_path_factory):
 
 
 # -- the engine, where a test needs less than a whole run ------------------------------------------------
+def experiment(backbone, classifier, cfg, criterion, device='cpu', precision='fp32'):
+    """The parts of a run a training step needs, as prepare() returns them for the stage cfg.mode names (what
+    that stage does not train frozen)."""
+    import torch
+    from utils.engine import STAGES
+    from utils.setup import Experiment
+    stage = STAGES[cfg.mode]
+    stage.freeze_untrained(backbone, classifier)
+    return Experiment(cfg=cfg, device=torch.device(device), precision=precision, backbone=backbone,
+                      classifier=classifier, criterion=criterion, stage=stage)
+
+
 def make_stage_optimizer(backbone, classifier, cfg):
     """The optimizer the training scripts build for cfg.mode (stage 2: classifier only, backbone frozen)."""
     from utils.engine import make_optimizer
-    return make_optimizer(backbone, classifier, cfg)
-
-
-def experiment(backbone, classifier, cfg, criterion, device='cpu', precision='fp32'):
-    """The parts of a run a training step needs, as prepare() returns them."""
-    import torch
-    from utils.setup import Experiment
-    return Experiment(cfg=cfg, device=torch.device(device), precision=precision, backbone=backbone,
-                      classifier=classifier, criterion=criterion)
+    return make_optimizer(experiment(backbone, classifier, cfg, None))
 
 
 def stage_loss(backbone, classifier, batch, cfg, criterion, device='cpu', precision='fp32'):
     """(loss, logits, labels) of one batch of the stage cfg.mode names, without a step."""
-    from utils.engine import stage1_loss, stage2_loss
-    step = stage1_loss if cfg.mode == 'stage1' else stage2_loss
-    return step(experiment(backbone, classifier, cfg, criterion, device, precision), batch)
+    exp = experiment(backbone, classifier, cfg, criterion, device, precision)
+    return exp.stage.loss(exp, batch)
 
 
 def one_train_step(backbone, classifier, batch, optimizer, cfg, criterion, device='cpu', precision='fp32'):

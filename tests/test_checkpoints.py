@@ -11,9 +11,9 @@ import torch
 
 from conftest import ROOT, STAGE1, assert_one_line_error, run_main
 from models import build_model
-from utils.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from utils.config import load_config
-from utils.errors import UserError
+from common.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from utils.config import head_scale, load_config
+from common.errors import UserError
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_the_authors_checkpoint_loads_into_the_model_of_their_config(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt['its_ece'] == pytest.approx(0.12) and ckpt['best_acc1'].item() == pytest.approx(39.5)
     cfg = load_config(os.path.join(ROOT, 'config/cifar100/cifar100_imb001_stage1_ce_mixup.yaml'))
-    backbone, classifier = build_model(cfg)
+    backbone, classifier = build_model(cfg, head_scale(cfg))
     load_weights(backbone, ckpt['state_dict_model'], path, 'backbone', cfg)
     load_weights(classifier, ckpt['state_dict_classifier'], path, 'classifier', cfg)
     for module, part in ((backbone, 'state_dict_model'), (classifier, 'state_dict_classifier')):
@@ -109,7 +109,7 @@ def test_committed_model_zoo_loads_into_the_model_of_its_config(path):
     stage = re.sub(r'(_rho[0-9.]+)?_(best|last)\.pth\.tar$', '', os.path.basename(path))
     cfg_file = os.path.join(ROOT, 'config', dataset, f'{dataset}_{imbalance}_{stage}.yaml')
     cfg = load_config(cfg_file)
-    backbone, classifier = build_model(cfg)
+    backbone, classifier = build_model(cfg, head_scale(cfg))
     ckpt = load_checkpoint(path)
     load_weights(backbone, ckpt['state_dict_model'], path, 'backbone', cfg)
     load_weights(classifier, ckpt['state_dict_classifier'], path, 'classifier', cfg)

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_cifar
 from datasets import IMBALANCECIFAR10, IMBALANCECIFAR100, img_num_per_cls
-from utils.errors import UserError
+from common.errors import UserError
 
 # SPEC 1: totals of the long-tailed training subsets
 TOTALS = {('cifar100', 200): 9502, ('cifar100', 100): 10847, ('cifar100', 50): 12608, ('cifar100', 10): 19573,

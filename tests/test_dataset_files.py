@@ -13,7 +13,8 @@ from conftest import dump, run_script, write_cifar
 from datasets import IMBALANCECIFAR10, IMBALANCECIFAR100
 from test_data import reference_subset
 from conftest import args
-from utils.errors import UserError, run_cli
+from common.errors import UserError
+from utils.setup import run_cli
 
 CONFIGS = {'cifar10': 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml',
            'cifar100': 'config/cifar100/cifar100_imb001_stage1_ce_mixup.yaml'}

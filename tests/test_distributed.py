@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, STAGE1, STAGE2, args, only_run
-from utils.errors import UserError
+from common.errors import UserError
 
 
 @pytest.mark.parametrize('ending', ['returns', 'user error'])
@@ -18,7 +18,7 @@ def test_scripts_leave_the_process_group_on_exit(ending, tmp_path):
     """A gloo group still alive when the interpreter exits can abort a rank with SIGABRT ('terminate called
     without an active exception'); run_cli destroys it however main() ends."""
     import torch.distributed as dist
-    from utils.errors import run_cli
+    from utils.setup import run_cli
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
 
     def main():

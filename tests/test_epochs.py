@@ -33,7 +33,8 @@ def test_model_best_is_the_epoch_of_the_highest_top1_and_eval_gives_its_figure(c
     assert load(f'{run}/ckps/current.pth.tar')['epoch'] == 4
     # the weights saved as model_best are that epoch's: evaluated again, they give its figure
     code, _, err = run_main('eval.py', *args(STAGE1, cifar10_root, tmp_path, 'resume',
-                                             f'{run}/ckps/model_best.pth.tar'))
+                                             f'{run}/ckps/model_best.pth.tar'), '--out',
+                            f'{run}/ckps/model_best.eval.json')
     assert code == 0, err
     assert json.load(open(f'{run}/ckps/model_best.eval.json'))['top1'] == pytest.approx(max(top1), abs=1e-9)
 

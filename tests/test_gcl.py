@@ -17,8 +17,8 @@ from conftest import ROOT, run_script
 from loss import GCLLoss, build_loss, gcl_cloud_scale
 from models import NormedLinear, build_model
 from test_resume import assert_same_weights, stage1_straight_and_resumed
-from utils.config import load_config
-from utils.errors import UserError
+from utils.config import head_scale, load_config
+from common.errors import UserError
 
 COUNTS = [100, 10, 1]
 # (log 100 - log n_c) / (log 100 - log 1): 0, 1/2, 1
@@ -149,15 +149,15 @@ def test_config_values_reach_the_loss_and_the_cosine_head():
     gcl = build_loss(cfg, COUNTS)
     assert isinstance(gcl, GCLLoss)
     assert (gcl.m, gcl.s, gcl.noise_mul, gcl.gamma) == (0.1, 20.0, 0.3, 1.0)
-    _, head = build_model(cfg)
+    _, head = build_model(cfg, head_scale(cfg))
     assert isinstance(head.fc, NormedLinear) and head.scale == 20.0
     cfg1 = load_config(STAGE1)
     gcl1 = build_loss(cfg1, COUNTS)
     assert (gcl1.m, gcl1.s, gcl1.noise_mul, gcl1.gamma) == (0.0, 30.0, 0.5, 0.0)
-    assert build_model(cfg1)[1].scale == 30.0
+    assert build_model(cfg1, head_scale(cfg1))[1].scale == 30.0
     # the other cosine-head loss keeps its own s
     ldam = load_config(STAGE1, ['loss.type', 'LDAMLoss', 'loss.LDAM.s', '16'])
-    assert build_model(ldam)[1].scale == 16.0
+    assert build_model(ldam, head_scale(ldam))[1].scale == 16.0
 
 
 def test_every_gcl_config_is_shipped_with_the_authors_values():

@@ -12,7 +12,7 @@ import torch
 from conftest import LIST_COUNTS, ROOT, assert_one_line_error, run_main, run_script
 from datasets.image_list import GlobalBatchSampler, count_splits
 from utils.config import load_config
-from utils.errors import UserError
+from common.errors import UserError
 
 IMAGENET1 = 'config/imagenet/imagenet_lt_resnet50_stage1_ce_mixup.yaml'
 IMAGENET2 = 'config/imagenet/imagenet_lt_resnet50_stage2_ce_H2T.yaml'
@@ -121,7 +121,7 @@ def test_ranks_together_load_the_single_process_batches(config, imagenet_lt_root
     """Images included: each sample's augmentation comes with its seed, so 2 ranks (one loading in-process,
     one with 2 workers) together give exactly the single-process batches, as the CIFAR loader does."""
     from datasets import build_data
-    from utils import distributed
+    from common import distributed
 
     def batches(rank, world, workers):
         monkeypatch.setattr(distributed, 'rank', lambda: rank)
@@ -157,7 +157,7 @@ def test_balanced_and_dual_sampling_draws(monkeypatch):
 def test_every_rank_gets_images_in_every_evaluation_batch(monkeypatch):
     from datasets.image_list import EvalBatchSampler
     from datasets.loaders import DeviceEvalLoader
-    from utils import distributed
+    from common import distributed
     monkeypatch.setattr(distributed, 'world_size', lambda: 2)
     shares, cifar_shares = {}, {}
     images = torch.zeros(9, 32, 32, 3, dtype=torch.uint8).numpy()
@@ -170,7 +170,7 @@ def test_every_rank_gets_images_in_every_evaluation_batch(monkeypatch):
 
 
 def test_split_means_leave_out_classes_without_evaluation_images():
-    from utils.metrics import finalize, metric_sums
+    from common.metrics import finalize, metric_sums
     probs = torch.eye(3)[[0, 0, 0]]  # all predicted class 0: class 0 right, class 1 wrong
     metrics = finalize(metric_sums(probs, torch.tensor([0, 0, 1])), count_splits([500, 50, 5]))  # class 2: no image
     assert (metrics['many'], metrics['medium']) == (100.0, 0.0) and metrics['few'] != metrics['few']  # nan
@@ -192,7 +192,8 @@ def test_both_stages_and_eval_on_workers(dataset, imagenet_lt_root, tmp_path):
     assert all(torch.equal(v, second['state_dict_model'][k]) for k, v in first['state_dict_model'].items()
                if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
     assert not torch.equal(first['state_dict_classifier']['fc.weight'], second['state_dict_classifier']['fc.weight'])
-    ev = ok(run_script('eval.py', '--cfg', stage2, *common, 'resume', f'{run2}/ckps/current.pth.tar'))
+    ev = ok(run_script('eval.py', '--cfg', stage2, *common, 'resume', f'{run2}/ckps/current.pth.tar',
+                       '--out', f'{run2}/ckps/current.eval.json'))
     metrics = json.load(open(f'{run2}/ckps/current.eval.json'))
     assert sum(metrics['reliability']['count']) == 10 and len(metrics['per_class_acc']) == 5
     assert f"top1 {metrics['top1']:.2f}" in ev.stdout
@@ -260,7 +261,8 @@ def test_places_trains_only_the_new_last_block_of_a_pretrained_resnet152(places_
     run2, = runs(tmp_path)
     stage2 = torch.load(f'{run2}/ckps/current.pth.tar', weights_only=True)['state_dict_model']
     assert torch.equal(stage2['block.conv1.weight'], stage1['block.conv1.weight'])
-    ok(run_script('eval.py', '--cfg', PLACES2, *places_stage1['common'], 'resume', f'{run2}/ckps/current.pth.tar'))
+    ok(run_script('eval.py', '--cfg', PLACES2, *places_stage1['common'], 'resume', f'{run2}/ckps/current.pth.tar',
+                  '--out', f'{run2}/ckps/current.eval.json'))
     assert sum(json.load(open(f'{run2}/ckps/current.eval.json'))['reliability']['count']) == 10
 
 

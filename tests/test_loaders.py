@@ -112,7 +112,7 @@ def test_device_augmentation_gives_each_sample_its_own_offset_and_normalises():
 @pytest.mark.parametrize('sampling', ['instance', 'balanced'])
 def test_ranks_together_draw_the_single_process_batches(sampling, monkeypatch):
     """Under torchrun each rank takes every world_size-th sample of the same global batch."""
-    from utils import distributed
+    from common import distributed
 
     def batches(rank, world):
         monkeypatch.setattr(distributed, 'rank', lambda: rank)

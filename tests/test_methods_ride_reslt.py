@@ -16,9 +16,9 @@ from conftest import ROOT, args, only_run, run_script
 from loss import ResLoss, RIDELoss, build_loss
 from methods import H2T
 from models import ExpertClassifier, ResClassifier, build_model, resnet32_ride_fe
-from utils.config import get_default_config, load_config
-from utils.engine import final_logits, stage2_loss
-from utils.errors import UserError
+from utils.config import get_default_config, head_scale, load_config
+from utils.engine import STAGE2, final_logits
+from common.errors import UserError
 from utils.setup import Experiment
 
 CPU = torch.device('cpu')
@@ -91,11 +91,11 @@ def test_res_classifier_gives_three_branches_averaged_over_experts_and_sums_them
 
 def test_build_model_pairs_backbones_and_heads_from_the_config():
     cfg = load_config(f'{CIFAR10}_stage1_ride.yaml')
-    backbone, classifier = build_model(cfg)
+    backbone, classifier = build_model(cfg, head_scale(cfg))
     assert isinstance(classifier, ExpertClassifier) and len(classifier.linears) == 3 and classifier.scale == 30.0
     assert backbone.out_channels == 48
     cfg = load_config(f'{CIFAR10}_stage1_reslt.yaml')
-    backbone, classifier = build_model(cfg)
+    backbone, classifier = build_model(cfg, head_scale(cfg))
     assert isinstance(classifier, ResClassifier) and len(classifier.linear) == 3 and backbone.out_channels == 64
 
 
@@ -225,10 +225,10 @@ def test_stage2_step_fuses_every_experts_map_as_two_separate_passes_would():
     cfg = get_default_config()
     cfg.mode, cfg.H2T, cfg.mixup = 'stage2', 0.5, False
     exp = Experiment(cfg=cfg, device=CPU, precision='fp32', backbone=backbone, classifier=head,
-                     criterion=cross_entropy_of_mean, logger=logging.getLogger('test'))
+                     criterion=cross_entropy_of_mean, stage=STAGE2, logger=logging.getLogger('test'))
     x1, x2, y = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     torch.manual_seed(1)
-    loss, out, _ = stage2_loss(exp, (x1, y, x2, y))
+    loss, out, _ = STAGE2.loss(exp, (x1, y, x2, y))
     torch.manual_seed(1)
     with torch.no_grad():
         expected = head(H2T(backbone(x1), backbone(x2), 0.5))
@@ -243,10 +243,13 @@ def cross_entropy_of_mean(out, y):
 # -- bad settings ----------------------------------------------------------------------------------
 @pytest.mark.parametrize('config, overrides, message', [
     ('stage1_ride', ['num_experts', '0'], 'num_experts 0 must be'),
-    ('stage1_ride', ['backbone', 'resnet32_fe', 'num_experts', '1'], 'RIDELoss trains experts'),
+    ('stage1_ride', ['backbone', 'resnet32_fe', 'num_experts', '1'],
+     "RIDELoss takes the experts' logits, but backbone resnet32_fe with classifier Classifier gives one set of "
+     'logits; set backbone resnet32_ride_fe with classifier Classifier'),
     ('stage1_ride', ['loss.type', 'CrossEntropyLoss'], 'takes one set of logits'),
     ('stage1_ride', ['loss.RIDE.reweight_epoch', '200'], 'DRW would never start'),
-    ('stage1_reslt', ['classifier', 'Classifier'], 'classifier Classifier has none'),
+    ('stage1_reslt', ['classifier', 'Classifier'], "ResLoss takes ResLT's head/medium/tail branches, but backbone "
+     'resnet32_ride_fe with classifier Classifier gives the experts\' logits; set classifier ResClassifier'),
     ('stage1_reslt', ['loss.ResLT.branch_starts', '[70, 35]'], 'branch_starts [70, 35]'),
     ('stage1_reslt', ['loss.ResLT.beta', '1.5'], 'loss.ResLT.beta 1.5'),
     ('stage1_ce_mixup', ['num_experts', '3'], 'needs a multi-expert backbone'),
@@ -309,6 +312,7 @@ def test_both_stages_run_end_to_end_and_evaluate(method, stage1_extra, cifar10_r
     assert any(not torch.equal(state['state_dict_classifier'][k], after['state_dict_classifier'][k])
                for k in state['state_dict_classifier'])  # the heads were re-trained
     for cfg, ckpt in ((f'{CIFAR10}_stage1_{method}.yaml', ckpt1), (f'{CIFAR10}_stage2_{method}_H2T.yaml', ckpt2)):
-        eval_script.main(args(cfg, cifar10_root, tmp_path, 'resume', ckpt, *stage1_extra))
+        eval_script.main([*args(cfg, cifar10_root, tmp_path, 'resume', ckpt, *stage1_extra), '--out',
+                          ckpt.replace('.pth.tar', '.eval.json')])
         assert glob.glob(ckpt.replace('.pth.tar', '.eval.json'))
     assert 'top1' in capsys.readouterr().out

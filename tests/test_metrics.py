@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from utils.config import get_default_config
-from utils.metrics import classification_metrics, expected_calibration_error
+from common.metrics import classification_metrics, expected_calibration_error
 
 
 def test_ece_hand_computed():

@@ -32,8 +32,12 @@ def pipeline(cifar10_root, tmp_path_factory):
     run1 = glob.glob(f'{save}/cifar10_imb001_stage1_ce_mixup_*')[0]
     s2 = ok(run_main('train_stage2.py', '--cfg', STAGE2, *common, 'resume', f'{run1}/ckps/model_best.pth.tar'))
     run2 = glob.glob(f'{save}/cifar10_imb001_stage2_ce_h2t_*')[0]
-    ev = ok(run_main('eval.py', '--cfg', STAGE2, *common, 'resume', f'{run2}/ckps/model_best.pth.tar'))
-    return dict(save=save, run1=run1, run2=run2, s1=s1, s2=s2, ev=ev, common=common)
+    before = sorted(os.listdir(f'{run2}/ckps'))
+    plain = ok(run_main('eval.py', '--cfg', STAGE2, *common, 'resume', f'{run2}/ckps/model_best.pth.tar'))
+    written = sorted(os.listdir(f'{run2}/ckps'))  # without --out, eval.py prints and writes nothing
+    ev = ok(run_main('eval.py', '--cfg', STAGE2, *common, 'resume', f'{run2}/ckps/model_best.pth.tar',
+                     '--out', f'{run2}/ckps/model_best.eval.json'))
+    return dict(before=before, written=written, plain=plain, save=save, run1=run1, run2=run2, s1=s1, s2=s2, ev=ev, common=common)
 
 
 def test_runs_write_logs_checkpoints_and_summary(pipeline):
@@ -67,7 +71,8 @@ def test_stage2_starts_from_the_stage1_backbone(pipeline):
     assert not torch.equal(s1['bn1.running_mean'], s2['bn1.running_mean'])  # shift_bn: True
 
 
-def test_eval_prints_and_writes_metrics_beside_the_checkpoint(pipeline):
+def test_eval_prints_its_metrics_and_writes_them_only_where_asked(pipeline):
+    assert pipeline['written'] == pipeline['before'] and 'top1' in pipeline['plain']
     out = f"{pipeline['run2']}/ckps/model_best.eval.json"
     metrics = json.load(open(out))
     for key in ('top1', 'top5', 'many', 'medium', 'few', 'ece', 'confidence', 'per_class_acc'):
@@ -84,7 +89,8 @@ def test_eval_loads_dataparallel_checkpoints(pipeline, tmp_path):
                'state_dict_classifier': {f'module.{k}': v for k, v in ckpt['state_dict_classifier'].items()}}
     path = str(tmp_path / 'authors.pth.tar')
     torch.save(authors, path)
-    ev = ok(run_main('eval.py', '--cfg', STAGE1, *pipeline['common'], 'resume', path))
+    ev = ok(run_main('eval.py', '--cfg', STAGE1, *pipeline['common'], 'resume', path,
+                     '--out', str(tmp_path / 'authors.eval.json')))
     assert json.load(open(str(tmp_path / 'authors.eval.json')))['top1'] >= 0
     assert 'top1' in ev
 
@@ -98,7 +104,8 @@ def test_model_zoo_weights_reproduce_the_checkpoints_figures(pipeline, tmp_path)
     assert all(v.dtype in (torch.float32, torch.int64) for part in ('state_dict_model', 'state_dict_classifier')
                for v in zoo[part].values())
     assert out.stat().st_size < 2e6
-    ok(run_main('eval.py', '--cfg', STAGE2, *pipeline['common'], 'resume', str(out)))
+    ok(run_main('eval.py', '--cfg', STAGE2, *pipeline['common'], 'resume', str(out),
+                '--out', str(out.with_name('stage2.eval.json'))))
     ours = json.load(open(out.with_name('stage2.eval.json')))
     original = json.load(open(f"{pipeline['run2']}/ckps/model_best.eval.json"))
     assert all(ours[k] == original[k] for k in ('top1', 'per_class_acc', 'ece'))
@@ -118,7 +125,8 @@ def test_half_precision_zoo_weights_are_half_the_size_and_evaluate_alike(pipelin
             assert v.dtype == (torch.float16 if ref.is_floating_point() else ref.dtype), k
             assert torch.equal(v, ref.half()) if ref.is_floating_point() else torch.equal(v, ref), k
     assert half.stat().st_size < 0.6 * full.stat().st_size
-    ok(run_main('eval.py', '--cfg', STAGE2, *pipeline['common'], 'resume', str(half)))
+    ok(run_main('eval.py', '--cfg', STAGE2, *pipeline['common'], 'resume', str(half), '--out',
+                str(tmp_path / 'half.eval.json')))
     ours = json.load(open(tmp_path / 'half.eval.json'))
     original = json.load(open(f"{pipeline['run2']}/ckps/model_best.eval.json"))
     assert abs(ours['top1'] - original['top1']) <= 1.0  # 1 % is one image of this test's 100

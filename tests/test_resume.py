@@ -12,7 +12,7 @@ import train_stage1
 import train_stage2
 import utils.engine as engine
 from conftest import STAGE1, STAGE2, args, assert_one_line_error, only_run, run_main
-from utils.errors import UserError
+from common.errors import UserError
 
 
 def interrupt_at_epoch(monkeypatch, stop_epoch):
@@ -88,13 +88,13 @@ def test_auto_resume_refuses_a_checkpoint_without_training_state(cifar10_root, t
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_root, tmp_path, monkeypatch):
-    real, calls = engine.stage1_loss, []
+    real, calls = engine.STAGE1.loss, []
 
     def poisoned(*a, **kw):
         loss, out, y = real(*a, **kw)
         calls.append(1)
         return (loss * float('nan') if len(calls) == 14 else loss), out, y  # epoch 2, step 6 (8 steps an epoch)
-    monkeypatch.setattr(engine, 'stage1_loss', poisoned)
+    monkeypatch.setattr(engine.STAGE1, 'loss', poisoned)
     with pytest.raises(UserError, match='loss became nan/inf at epoch 2, step 6'):
         train_stage1.main(args(STAGE1, cifar10_root, tmp_path, 'num_epochs', '3'))
     run = only_run(tmp_path)
@@ -153,7 +153,7 @@ def test_auto_resume_of_a_checkpoint_older_than_a_config_key_keeps_the_keys_defa
     does store is still compared."""
     import yaml
     from utils.config import load_config
-    from utils.errors import UserError
+    from common.errors import UserError
     from utils.setup import check_resume_config
     cfg = load_config(STAGE1)
     stored = yaml.safe_load(cfg.dump())

@@ -9,7 +9,7 @@ from torch.nn.functional import cross_entropy
 
 from conftest import STAGE1, STAGE2, make_stage_optimizer, one_train_epoch, one_train_step, stage_loss
 from models import Classifier, ResNet_fe, build_model, resnet32_fe
-from utils.config import get_default_config, load_config
+from utils.config import get_default_config, head_scale, load_config
 from utils.engine import learning_rate
 from utils.runtime import compile_in_place
 
@@ -57,7 +57,7 @@ def run_stage2(shift_bn):
     """Three steps of stage 2 (an epoch of DualBatches) on the model and optimizer the script builds."""
     torch.manual_seed(0)
     cfg = load_config(STAGE2, ['shift_bn', str(shift_bn)])
-    backbone, classifier = build_model(cfg)
+    backbone, classifier = build_model(cfg, head_scale(cfg))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     fc_before = classifier.fc.weight.clone()
     optimizer = make_stage_optimizer(backbone, classifier, cfg)
@@ -150,7 +150,7 @@ def test_stage1_mixes_with_the_configs_alpha_in_the_authors_order(alpha):
     x = lam x + (1 - lam) x[perm] through backbone and classifier, lam CE(y) + (1 - lam) CE(y[perm])."""
     cfg = load_config(STAGE1, ['alpha', str(alpha)])
     torch.manual_seed(0)
-    backbone, classifier = build_model(cfg)
+    backbone, classifier = build_model(cfg, head_scale(cfg))
     x, y = DualBatches(steps=1).batches[0][:2]
     np.random.seed(3)
     torch.manual_seed(3)

@@ -12,7 +12,10 @@ import os
 import yaml
 from yacs.config import CfgNode as CN
 
-from .errors import UserError, need
+import datasets
+import models
+from common.errors import UserError, need
+from loss import LOSSES
 
 _C = CN()
 _C.name = ''
@@ -110,7 +113,7 @@ _C.compile = False           # torch.compile the model in the training scripts (
                              # compile); the stage-1 configs turn it on
 _C.compile_mode = 'default'  # torch.compile's mode: 'default' | 'reduce-overhead' (CUDA graphs: fewer kernel
                              # launches) | 'max-autotune' | 'max-autotune-no-cudagraphs'
-_C.keep_freed_memory = True  # CPU: glibc keeps freed activation memory for the next step (no page faults)
+_C.keep_freed_memory = False  # CPU: glibc keeps freed activation memory for the next step (docs/performance.md)
 _C.seed = 0
 _C.deterministic = False     # repeatable runs: deterministic kernels only (an op without one stops the run)
 _C.sync_bn = False           # torchrun on GPUs: the backbone's BatchNorm normalises over the global batch
@@ -137,7 +140,7 @@ _C.alpha = 1.0
 _C.H2T = 0.0                 # rho: fraction of channels fused from the instance branch (stage 2)
 
 # accepted so the authors' YAML files load; not read (multi-process runs are set up by torchrun, see
-# utils/distributed.py)
+# common/distributed.py)
 _C.distributed = False
 _C.world_size = -1
 _C.rank = -1
@@ -146,7 +149,6 @@ _C.dist_backend = 'nccl'
 _C.multiprocessing_distributed = False
 _C.cos = False               # MiSLAS's stage-1 switch, in the authors' IF-50 stage-1 file; True is refused
 
-CIFAR = {'cifar10': 10, 'cifar100': 100}  # their fixed class counts; every dataset is in datasets.DATASETS
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
@@ -242,20 +244,18 @@ def _type_message(err):
     return f'bad config value ({text})'
 
 
+def head_scale(cfg):
+    """s of the cosine head (`use_norm`): its logits are s times the cosine, the s that loss.type expects."""
+    return LOSSES[cfg.loss.type].cosine_scale(cfg)
+
+
+OUTPUT_WORDS = {'logits': 'one set of logits', 'experts': "the experts' logits",
+                'branches': "ResLT's head/medium/tail branches"}
+
+
 def check_config(cfg):
-    """Reject values that would train something other than what the user meant."""
-    from datasets import DATASETS
-    datasets = sorted(DATASETS)
-    need(cfg.dataset in datasets, f"dataset {cfg.dataset!r} is not supported; use one of {datasets}")
-    # list datasets: any num_classes (a subset of a list); the list's labels are checked against it
-    need(cfg.num_classes == CIFAR.get(cfg.dataset, cfg.num_classes) and cfg.num_classes >= 2,
-         f'num_classes {cfg.num_classes} does not match dataset {cfg.dataset} ({CIFAR.get(cfg.dataset, "2 or more")} '
-         f'classes); fix num_classes')
-    need(cfg.image_size >= 32, f'image_size {cfg.image_size} is too small; use 224 (the published crop)')
-    need(cfg.workers >= 0, f'workers {cfg.workers} must be 0 (load in the training process) or more')
-    need(isinstance(cfg.imb_factor, (int, float)) and 0 < cfg.imb_factor <= 1,
-         f'imb_factor {cfg.imb_factor} is outside (0, 1]; it is n_min / n_max, e.g. 0.01 for IF=100')
-    need(cfg.imb_type in ('exp', 'step'), f"imb_type {cfg.imb_type!r} is unknown; use 'exp' or 'step'")
+    """Reject values that would train something other than what the user meant: the training keys here, then
+    the data's, the model's and the loss's own rules, and whether the loss takes what the model gives."""
     need(isinstance(cfg.H2T, (int, float)) and 0 <= cfg.H2T <= 1,
          f'H2T {cfg.H2T} is outside [0, 1]; it is the fraction of fused channels (0 turns fusion off)')
     need(cfg.mode != 'stage1' or cfg.H2T <= 0,
@@ -281,35 +281,14 @@ def check_config(cfg):
          f"eval_precision {cfg.eval_precision!r} is unknown; use fp32 or same (the training precision)")
     need(cfg.compile_mode in COMPILE_MODES,
          f"compile_mode {cfg.compile_mode!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
-    need(cfg.data_loader in ('device', 'torch'), f"data_loader {cfg.data_loader!r} is unknown; use 'device' or 'torch'")
-    need(cfg.sampler.type in ('default', 'weighted sampler'),
-         f"sampler.type {cfg.sampler.type!r} is unknown; use 'default' or 'weighted sampler'")
-    need(cfg.sampler.weighted_sampler.type == 'balance',
-         f"sampler.weighted_sampler.type {cfg.sampler.weighted_sampler.type!r} is not supported; use 'balance'")
-    need(cfg.sampler.dual_sample.type == 'long-tailed',
-         f"sampler.dual_sample.type {cfg.sampler.dual_sample.type!r} is not supported; use 'long-tailed'")
-    from models import EXPERT_BACKBONES, HEADS
-    need(cfg.classifier in HEADS, f"classifier {cfg.classifier!r} is not supported; use one of {', '.join(HEADS)} "
-         f"(use_norm True gives the cosine head)")
-    need(isinstance(cfg.num_experts, int) and cfg.num_experts >= 1,
-         f'num_experts {cfg.num_experts} must be a whole number, at least 1 (RIDE: 3)')
-    need(cfg.num_experts == 1 or cfg.backbone in EXPERT_BACKBONES,
-         f'num_experts {cfg.num_experts} needs a multi-expert backbone ({", ".join(sorted(EXPERT_BACKBONES))}); '
-         f'{cfg.backbone} has one; set num_experts 1 or change backbone')
-    need(not cfg.lws or (cfg.classifier == 'Classifier' and cfg.backbone not in EXPERT_BACKBONES),
-         'lws (MiSLAS\'s weight scaling) needs a single Classifier head; set lws False for experts or ResClassifier')
-    need(not cfg.use_norm or cfg.classifier == 'Classifier',
-         'use_norm gives Classifier a cosine head; ResClassifier has linear heads as ResLT, remove use_norm')
-    from loss import LOSSES
+    datasets.check_config(cfg)
+    models.check_config(cfg)
     need(cfg.loss.type in LOSSES, f'loss.type {cfg.loss.type!r} is unknown; use one of {", ".join(LOSSES)}')
-    multi_head = cfg.backbone in EXPERT_BACKBONES or cfg.classifier != 'Classifier'
-    need(not multi_head or getattr(LOSSES[cfg.loss.type], 'multi_output', False),
-         f'loss.type {cfg.loss.type} takes one set of logits, but {cfg.backbone} with {cfg.classifier} gives several '
-         f'(experts or branches); use loss.type RIDELoss for experts, ResLoss for ResClassifier')
-    LOSSES[cfg.loss.type].check_config(cfg)  # each loss checks its own keys (loss.py)
-    from models import BACKBONES
-    need(cfg.backbone in BACKBONES, f'backbone {cfg.backbone!r} is unknown; use one of {sorted(BACKBONES)}')
-    for key in ('head_class_idx', 'med_class_idx', 'tail_class_idx'):
-        idx = cfg[key]
-        need(len(idx) == 2 and 0 <= idx[0] <= idx[1] <= cfg.num_classes,
-             f'{key} {list(idx)} must be [start, end) with 0 <= start <= end <= num_classes ({cfg.num_classes})')
+    loss, gives = LOSSES[cfg.loss.type], models.head_of(cfg).output
+    if loss.takes != gives:
+        fix = loss.pairs_with and f'set {loss.pairs_with}'
+        if loss.takes == 'logits':
+            fix = 'use loss.type ' + ' or '.join(name for name, c in LOSSES.items() if c.takes == gives)
+        raise UserError(f'loss.type {cfg.loss.type} takes {OUTPUT_WORDS[loss.takes]}, but backbone {cfg.backbone} with '
+                        f'classifier {cfg.classifier} gives {OUTPUT_WORDS[gives]}; {fix}')
+    loss.check_config(cfg)  # each loss checks its own keys (loss.py)

@@ -1,20 +1,23 @@
-"""The one training/evaluation loop that train_stage1.py, train_stage2.py and eval.py share."""
+"""The one training/evaluation loop that train_stage1.py, train_stage2.py and eval.py share, and the two
+stages it runs: what each trains (`Stage`), its loss for one batch, the epoch loop and the evaluation."""
 import json
 import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import distributed
+from common.checkpoint import save_checkpoint
+from common.errors import UserError
+from common.metrics import add_sums, finalize, metric_sums
 from methods import H2T, mixup_criterion, mixup_data
-from .checkpoint import save_checkpoint
-from .errors import UserError
-from . import distributed
-from .metrics import add_sums, finalize, metric_sums
 from .runtime import autocast, hardware_name, select_eval_precision
 
 
@@ -109,15 +112,46 @@ def final_logits(classifier, out):
     return unwrap(classifier).combine(out)
 
 
-def make_optimizer(backbone, classifier, cfg):
-    """SGD over what the stage (cfg.mode) trains: backbone and classifier in stage 1; in stage 2 the classifier
-    only, with the backbone frozen (requires_grad off). MiSLAS's learnable weight scaling (`lws`) gets a
-    group of its own whose LR is not scaled by lr_scheduler.lr_factor (`lr_scale` undoes it)."""
-    if cfg.mode == 'stage2':
-        backbone.requires_grad_(False)
+# -- the stages -------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    """What a script does with the model: the config mode it runs (`mode`, None: any), whether it needs a
+    checkpoint to start from, which modules it trains (`trains`: the optimizer's and DDP's; the others are
+    frozen), and the loss of one batch, loss(exp, batch) -> (loss, logits, labels)."""
+    mode: Optional[str]
+    description: str
+    trains: tuple
+    needs_checkpoint: bool
+    loss: Optional[Callable] = None
+
+    def freeze_untrained(self, backbone, classifier):
+        """requires_grad off for every module this stage does not train."""
+        for name, module in (('backbone', backbone), ('classifier', classifier)):
+            if name not in self.trains:
+                module.requires_grad_(False)
+
+    def set_train_mode(self, exp):
+        """Train mode for what it trains; the frozen backbone of stage 2 too with `shift_bn` (its BatchNorm
+        then normalises with batch statistics and updates its running statistics)."""
+        exp.classifier.train()
+        exp.backbone.train('backbone' in self.trains or exp.cfg.shift_bn)
+
+
+STAGE1 = Stage('stage1', 'Stage 1: representation learning', ('backbone', 'classifier'), False, stage1_loss)
+STAGE2 = Stage('stage2', 'Stage 2: classifier re-training', ('classifier',), True, stage2_loss)
+EVALUATION = Stage(None, 'Evaluation: a checkpoint on the balanced test set', (), True)
+STAGES = {stage.mode: stage for stage in (STAGE1, STAGE2)}
+
+
+def make_optimizer(exp):
+    """SGD (lr, momentum, weight_decay, nesterov of the config) over the parameters of what the stage trains:
+    backbone and classifier in stage 1, the classifier in stage 2. MiSLAS's learnable weight scaling (`lws`)
+    gets a group of its own whose LR is not scaled by lr_scheduler.lr_factor (`lr_scale` undoes it)."""
+    cfg, classifier = exp.cfg, exp.classifier
+    modules = [getattr(exp, name) for name in exp.stage.trains]
     lws = [p for name, p in classifier.named_parameters() if name.startswith('lws.')]
     lws_ids = {id(p) for p in lws}
-    params = [p for m in (backbone, classifier) for p in m.parameters() if p.requires_grad and id(p) not in lws_ids]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in lws_ids]
     groups = [{'params': params, 'lr_scale': 1.0}]
     if lws:
         factor = cfg.lr_scheduler.lr_factor if cfg.lr_scheduler.type == 'cos' else 1.0
@@ -127,20 +161,12 @@ def make_optimizer(backbone, classifier, cfg):
 
 
 def train_step(exp, batch, optimizer):
-    """One optimisation step of the loss of the stage exp.cfg.mode; returns (loss, logits, labels)."""
-    step_fn = stage1_loss if exp.cfg.mode == 'stage1' else stage2_loss
-    loss, out, y = step_fn(exp, batch)
+    """One optimisation step of the stage's loss; returns (loss, logits, labels)."""
+    loss, out, y = exp.stage.loss(exp, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach(), out.detach(), y
-
-
-def set_train_mode(backbone, classifier, cfg):
-    """Classifier in train mode; the backbone too in stage 1, and in stage 2 only with `shift_bn`
-    (its BatchNorm then normalises with batch statistics and updates its running statistics)."""
-    classifier.train()
-    backbone.train(cfg.mode == 'stage1' or cfg.shift_bn)
 
 
 NO_BAD_STEP = 2 ** 62  # no non-finite loss so far: larger than any step, so that the minimum over ranks works
@@ -153,7 +179,7 @@ def train_one_epoch(exp, loader, optimizer, epoch):
     step, before anything of this epoch is saved, so the last checkpoint stays the last good one.
     """
     cfg, device = exp.cfg, exp.device
-    set_train_mode(exp.backbone, exp.classifier, cfg)
+    exp.stage.set_train_mode(exp)
     # loss sum, correct, seen: one tensor, one all_reduce; the first non-finite step (+1; NO_BAD_STEP = none)
     # is the minimum over the ranks
     stats = torch.zeros(3, device=device)
@@ -182,19 +208,20 @@ def train_one_epoch(exp, loader, optimizer, epoch):
 
 # -- evaluation ------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(backbone, classifier, loader, splits, device, precision):
-    """Every metric of the test set (`splits`: the dataset's many/medium/few classes); batches stay on the
-    device, sums are added over the ranks."""
+def evaluate(exp, loader, precision):
+    """Every metric of the test set of `loader` for exp's model (many/medium/few: the dataset's class splits),
+    in `precision`; batches stay on the device, sums are added over the ranks."""
+    backbone, classifier = exp.backbone, exp.classifier
     backbone.eval()
     classifier.eval()
     sums = None
     for x, y in loader:
-        with autocast(device, precision):
+        with autocast(exp.device, precision):
             logits = final_logits(classifier, classifier(backbone(x)))
         sums = add_sums(sums, metric_sums(torch.softmax(logits.float(), dim=1), y))
     for value in sums.values():
         distributed.all_reduce_sum(value)
-    return finalize(sums, splits)
+    return finalize(sums, exp.data.class_splits)
 
 
 def format_metrics(m):
@@ -208,14 +235,24 @@ def unwrap(module):
     return getattr(module, 'module', module)
 
 
-def training_state(epoch, backbone, classifier, optimizer, cfg, best, best_epoch, history):
+@dataclass
+class Progress:
+    """Where a run stands: the epochs done, the best epoch's metrics and number, and every epoch's record."""
+    epoch: int = 0
+    best: Optional[dict] = None
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+
+
+def training_state(exp, optimizer, progress):
     """Everything a run needs to continue exactly where it stopped, in the authors' checkpoint
     format (epoch, state_dict_model, state_dict_classifier, best_acc1, its_ece) plus our keys."""
-    return {'epoch': epoch, 'mode': cfg.mode, 'state_dict_model': unwrap(backbone).state_dict(),
-            'state_dict_classifier': unwrap(classifier).state_dict(), 'best_acc1': best['top1'],
-            'its_ece': best['ece'], 'best_epoch': best_epoch, 'best_metrics': best, 'history': history,
-            'optimizer': optimizer.state_dict(), 'rng': rng_state(next(unwrap(classifier).parameters()).device),
-            'config': cfg.dump()}
+    best = progress.best
+    return {'epoch': progress.epoch, 'mode': exp.cfg.mode, 'state_dict_model': unwrap(exp.backbone).state_dict(),
+            'state_dict_classifier': unwrap(exp.classifier).state_dict(), 'best_acc1': best['top1'],
+            'its_ece': best['ece'], 'best_epoch': progress.best_epoch, 'best_metrics': best,
+            'history': progress.history, 'optimizer': optimizer.state_dict(), 'rng': rng_state(exp.device),
+            'config': exp.cfg.dump()}
 
 
 def rng_state(device):
@@ -231,19 +268,6 @@ def rng_state(device):
     return state
 
 
-def saved_cuda_state(saved, device):
-    """The CUDA generator state of `saved` (rng_state's 'cuda') for this run's `device`, or None. Older
-    checkpoints hold a list, one state per GPU the saving process saw, of which it drew on its own only:
-    the entry of this device's index in a one-process run, else (torchrun's rank 0: GPU 0, or a list
-    shorter than the index) the first."""
-    if isinstance(saved, torch.Tensor):
-        return saved
-    if not saved:
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return saved[index] if distributed.world_size() == 1 and index < len(saved) else saved[0]
-
-
 def set_rng_state(state, device):
     """Restore what rng_state saved; a CUDA state only on a CUDA run, into its own GPU's generator."""
     torch.set_rng_state(state['torch'])
@@ -251,87 +275,106 @@ def set_rng_state(state, device):
     n = state['numpy']
     np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
                          n['cached_gaussian']))
-    cuda_state = saved_cuda_state(state.get('cuda'), device) if device.type == 'cuda' else None
-    if cuda_state is not None:
-        torch.cuda.set_rng_state(cuda_state, device)
+    if device.type == 'cuda' and state.get('cuda') is not None:
+        torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def fit(exp, optimizer):
-    """Train exp's model for cfg.num_epochs in the stage cfg.mode, evaluate after each epoch, keep
-    current/model_best checkpoints, log to the run folder and TensorBoard, and write summary.json with
-    the best and last epochs.
+def describe_run(exp):
+    """The run's first log line: what trains on what, where, and where it is recorded."""
+    cfg, data = exp.cfg, exp.data
+    if 'backbone' in exp.stage.trains:
+        sizes = data.cls_num_list
+        counts = sizes if len(sizes) <= 100 else f'({max(sizes)} to {min(sizes)} a class)'
+        what = f'{len(data.train_set)} training images {counts}, {cfg.backbone}'
+    else:
+        what = f'H2T rho={cfg.H2T}, shift_bn={cfg.shift_bn}, from {cfg.resume}'
+    return (f'{exp.run.name}: {data.description}, {what} on {exp.device} ({exp.precision}) x '
+            f'{distributed.world_size()} process(es), run folder {exp.run.dir}')
+
+
+def fit(exp):
+    """Train what exp.stage trains for cfg.num_epochs, evaluate after each epoch, keep current/model_best
+    checkpoints, log to the run folder and TensorBoard, and write summary.json with the best and last epochs.
 
     `exp.resume_state` (a checkpoint from `training_state`) continues that run exactly: optimizer,
     epoch, best metrics and every RNG state. `exp.run` is None on ranks other than 0: they write nothing.
     """
     cfg, data, device, precision, logger = exp.cfg, exp.data, exp.device, exp.precision, exp.logger
-    backbone, classifier, resume_state = exp.backbone, exp.classifier, exp.resume_state
+    optimizer = make_optimizer(exp)
+    for name in exp.stage.trains:  # under torchrun, DDP averages the gradients of what the stage trains
+        setattr(exp, name, distributed.wrap(getattr(exp, name), device))
     main = distributed.is_main()
     run_dir, log_dir, ckpt_dir, name = exp.run if main else (None,) * 4
     train_loader, eval_loader = data.train_loader(), data.eval_loader()
-    best, best_epoch, history, start_epoch = None, -1, [], 0
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state['optimizer'])
-        best, best_epoch = resume_state['best_metrics'], resume_state['best_epoch']
-        history, start_epoch = list(resume_state['history']), resume_state['epoch']
-        set_rng_state(resume_state['rng'], device)
-        logger.info(f'continuing {name} after epoch {start_epoch} (best {best["top1"]:.2f} at epoch {best_epoch})')
+    progress = Progress()
+    if exp.resume_state is not None:
+        state = exp.resume_state
+        optimizer.load_state_dict(state['optimizer'])
+        progress = Progress(state['epoch'], state['best_metrics'], state['best_epoch'], list(state['history']))
+        set_rng_state(state['rng'], device)
+        logger.info(f'continuing {name} after epoch {progress.epoch} (best {progress.best["top1"]:.2f} at epoch '
+                    f'{progress.best_epoch})')
+    elif main:
+        logger.info(describe_run(exp))
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir, purge_step=start_epoch + 1)
+        writer = SummaryWriter(log_dir, purge_step=progress.epoch + 1)
     start = time.time()
-    test = best
+    test = progress.best
     eval_precision = select_eval_precision(cfg, precision)  # fp32 unless asked: model_best must not depend on it
-    for epoch in range(start_epoch, cfg.num_epochs):
+    for epoch in range(progress.epoch, cfg.num_epochs):
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
         exp.criterion.before_epoch(epoch)  # DRW switches its class weights on here
         t0 = time.time()
         train = train_one_epoch(exp, train_loader, optimizer, epoch)
-        if cfg.mode == 'stage2' and cfg.shift_bn and not cfg.sync_bn:  # SyncBatchNorm's are equal on every rank
-            distributed.average_buffers(unwrap(backbone))
+        if 'backbone' not in exp.stage.trains and cfg.shift_bn and not cfg.sync_bn:  # SyncBatchNorm's are equal
+            distributed.average_buffers(unwrap(exp.backbone))
         t1 = time.time()
-        test = evaluate(backbone, classifier, eval_loader, data.class_splits, device, eval_precision)
+        test = evaluate(exp, eval_loader, eval_precision)
         t2 = time.time()
-        is_best = best is None or test['top1'] > best['top1']
+        is_best = progress.best is None or test['top1'] > progress.best['top1']
         if is_best:
-            best, best_epoch = test, epoch + 1
-        history.append({'epoch': epoch + 1, 'lr': lr, **train, 'time_train_s': round(t1 - t0, 2),
-                        'time_eval_s': round(t2 - t1, 2),
-                        **{k: v for k, v in test.items() if k not in ('per_class_acc', 'reliability')}})
+            progress.best, progress.best_epoch = test, epoch + 1
+        progress.epoch = epoch + 1
+        progress.history.append({'epoch': epoch + 1, 'lr': lr, **train, 'time_train_s': round(t1 - t0, 2),
+                                 'time_eval_s': round(t2 - t1, 2),
+                                 **{k: v for k, v in test.items() if k not in ('per_class_acc', 'reliability')}})
         if not main:
             continue
         logger.info(f"Epoch [{epoch + 1}/{cfg.num_epochs}] lr {lr:.5f} loss {train['train_loss']:.4f} "
-                    f"train_acc {train['train_acc']:.2f} | test {format_metrics(test)} | best {best['top1']:.2f} "
-                    f"(epoch {best_epoch}) | {t1 - t0:.1f}s train {t2 - t1:.1f}s eval")
+                    f"train_acc {train['train_acc']:.2f} | test {format_metrics(test)} | best "
+                    f"{progress.best['top1']:.2f} (epoch {progress.best_epoch}) | {t1 - t0:.1f}s train "
+                    f"{t2 - t1:.1f}s eval")
         for key, value in [('loss', train['train_loss']), ('lr', lr), ('train_acc', train['train_acc'])]:
             writer.add_scalar(f'train/{key}', value, epoch + 1)
         for key in ('top1', 'top5', 'many', 'medium', 'few', 'ece'):
             writer.add_scalar(f'test/{key}', test[key], epoch + 1)
         writer.add_scalar('test/loss', test['test_loss'], epoch + 1)
         writer.flush()
-        state = training_state(epoch + 1, backbone, classifier, optimizer, cfg, best, best_epoch, history)
+        state = training_state(exp, optimizer, progress)
         save_checkpoint(state, os.path.join(ckpt_dir, 'current.pth.tar'))
         if is_best:
             save_checkpoint(state, os.path.join(ckpt_dir, 'model_best.pth.tar'))
-    ranks = distributed.check_in_sync(unwrap(backbone), unwrap(classifier))
+    ranks = distributed.check_in_sync(unwrap(exp.backbone), unwrap(exp.classifier))
     if not main:
         return None
     writer.close()
     if ranks > 1:
         logger.info(f'weights identical on all {ranks} ranks')
+    history, best = progress.history, progress.best
     wall = sum(h['time_train_s'] + h['time_eval_s'] for h in history)
     summary = {'name': name, 'stage': cfg.mode, 'dataset': cfg.dataset, 'imb_factor': data.imb_factor,
                'H2T': cfg.H2T, 'precision': precision,
                'eval_precision': eval_precision, 'device': str(device), 'hardware': hardware_name(device),
                'torch': torch.__version__, 'world_size': ranks,
-               'epochs': cfg.num_epochs, 'wall_time_s': round(wall, 1), 'best_epoch': best_epoch, 'best': best,
-               'last': test, 'history': history}
+               'epochs': cfg.num_epochs, 'wall_time_s': round(wall, 1), 'best_epoch': progress.best_epoch,
+               'best': best, 'last': test, 'history': history}
     with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
-    logger.info(f'Best  (epoch {best_epoch}): {format_metrics(best)}')
+    logger.info(f'Best  (epoch {progress.best_epoch}): {format_metrics(best)}')
     logger.info(f'Last  (epoch {cfg.num_epochs}): {format_metrics(test)}')
     logger.info(f'Checkpoints in {ckpt_dir}; train + eval time {wall:.0f}s ({time.time() - start:.0f}s in this process)')
     return summary

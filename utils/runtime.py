@@ -14,8 +14,8 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from . import distributed
-from .errors import UserError
+from common import distributed
+from common.errors import UserError
 
 
 def select_device(cfg):

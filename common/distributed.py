@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -35,7 +37,6 @@ def cuda_index(local_rank):
         return local_rank
     if count == 1:
         return 0
-    from .errors import UserError
     raise UserError(f'LOCAL_RANK {local_rank} has no GPU of its own: this process sees {count} CUDA devices; '
                     f'show each process all the node\'s GPUs or exactly one (CUDA_VISIBLE_DEVICES)')
 
