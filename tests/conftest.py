@@ -15,6 +15,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# One intra-op thread for each test process and the scripts it starts (unless the environment sets a number):
+# the models are tiny, and spinning torch threads would fight each other and any training run on the machine.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 STAGE1 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage1_ce_mixup.yaml')
 STAGE2 = os.path.join(ROOT, 'config/cifar10/cifar10_imb001_stage2_ce_H2T.yaml')

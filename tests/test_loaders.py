@@ -218,15 +218,20 @@ def test_training_batches_are_the_authors_pil_pipeline(data_loader, tmp_path):
     assert len({key[1:] for key in seen}) > 10  # offsets and flips drawn per sample
 
 
-def test_evaluation_batches_are_the_authors_transform(tmp_path):
+@pytest.mark.parametrize('data_loader', ['device', 'torch'])
+def test_evaluation_batches_are_the_authors_transform(data_loader, tmp_path):
+    """The test images in order, normalised and nothing else: no crop, no flip, with either loader."""
     root = write_cifar(str(tmp_path), 'cifar10', train_per_class=1, test_per_class=3)
     import torchvision.transforms.functional as TF
     from PIL import Image
-    data = build_data(tiny_config(root, STAGE1, 'eval_batch_size', 30), torch.device('cpu'))
-    x, y = next(iter(data.eval_loader()))
+    cfg = tiny_config(root, STAGE1, 'eval_batch_size', 30, 'data_loader', data_loader)
+    data = build_data(cfg, torch.device('cpu'))
+    next(iter(data.train_loader()))  # a training loader built first must not change the evaluation's transform
     expected = torch.stack([TF.normalize(TF.to_tensor(Image.fromarray(a)), MEAN, STD) for a in data.test_set.data])
-    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
-    assert y.tolist() == data.test_set.targets
+    for _ in range(2):
+        x, y = next(iter(data.eval_loader()))
+        torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+        assert y.tolist() == data.test_set.targets
 
 
 def test_the_torch_data_loader_trains_end_to_end(cifar10_root, tmp_path):

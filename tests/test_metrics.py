@@ -17,6 +17,18 @@ def test_ece_hand_computed():
     assert expected_calibration_error(conf, correct) == pytest.approx(expected)
 
 
+def test_ece_takes_15_bins_in_evaluation():
+    """0.62 and 0.68 share a bin of width 1/10 but not of width 1/15: with 15 bins each is its own bin."""
+    conf = torch.tensor([0.62, 0.68])
+    correct = torch.tensor([True, False])
+    expected = (abs(1 - 0.62) + abs(0 - 0.68)) / 2  # 10 bins would give |0.5 - 0.65| = 0.15
+    assert expected_calibration_error(conf, correct) == pytest.approx(expected)
+    probs = torch.tensor([[0.62, 0.38], [0.68, 0.32]])  # the evaluation's path: softmax outputs, labels
+    metrics = classification_metrics(probs, torch.tensor([0, 1]), get_default_config())
+    assert metrics['ece'] == pytest.approx(expected)
+    assert len(metrics['reliability']['count']) == 15
+
+
 def test_ece_of_a_perfectly_calibrated_set_is_zero():
     conf = torch.full((10,), 0.7)
     correct = torch.tensor([True] * 7 + [False] * 3)

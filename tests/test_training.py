@@ -1,17 +1,40 @@
 """LR schedules and what each stage's step does to the model: stage 2's frozen backbone, BN statistics and labels,
 stage 1's mixup, and the compiled step."""
+import glob
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 from torch.nn.functional import cross_entropy
 
-from conftest import STAGE1, STAGE2, make_stage_optimizer, one_train_epoch, one_train_step, stage_loss
+from conftest import ROOT, STAGE1, STAGE2, make_stage_optimizer, one_train_epoch, one_train_step, stage_loss
 from models import Classifier, ResNet_fe, build_model, resnet32_fe
 from utils.config import get_default_config, head_scale, load_config
 from utils.engine import learning_rate
 from utils.runtime import compile_in_place
+
+
+CIFAR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', 'cifar*', '*.yaml')))
+
+
+@pytest.mark.parametrize('path', CIFAR_CONFIGS, ids=os.path.basename)
+def test_the_optimizer_takes_every_setting_from_the_config(path):
+    """SGD with the config's weight decay, momentum and Nesterov switch, over exactly what the stage trains."""
+    for overrides in ([], ['weight_decay', '3.3e-4', 'momentum', '0.77', 'nesterov', 'True']):
+        cfg = load_config(path, overrides)
+        backbone, classifier = build_model(cfg, head_scale(cfg))
+        optimizer = make_stage_optimizer(backbone, classifier, cfg)
+        assert isinstance(optimizer, torch.optim.SGD)
+        for group in optimizer.param_groups:
+            assert (group['weight_decay'], group['momentum'], group['nesterov']) == \
+                (cfg.weight_decay, cfg.momentum, cfg.nesterov)
+        trained = [classifier] + ([backbone] if cfg.mode == 'stage1' else [])
+        expected = {id(p) for m in trained for p in m.parameters()}
+        assert {id(p) for g in optimizer.param_groups for p in g['params']} == expected
+        assert sum(len(g['params']) for g in optimizer.param_groups) == len(expected)
+        assert all(not p.requires_grad for p in backbone.parameters()) == (cfg.mode == 'stage2')
 
 
 def test_stage1_warmup_then_steps():
