@@ -3,9 +3,9 @@ optimizer, RNG or history, so that a ResNet-32 fits in about 1.9 MB and `eval.py
 
     python -m scripts.export_weights saved/<run>/ckps/model_best.pth.tar results/<table>/weights/<name>.pth.tar
 
-`--half` stores the floating-point tensors in fp16, half the size, for models whose fp32 weights exceed
-the zoo's 2 MB a file (RIDE's three experts, ResLT's three branches); loading casts them back to the
-model's fp32, so the rounding is the only change, and the `eval.json` beside such a file is measured on it.
+`--half` stores the floating-point tensors in fp16, half the size, for the larger models (RIDE's and
+ResLT's three experts); loading casts them back to the model's fp32, so the rounding is the only change,
+and the `eval.json` beside such a file is measured on it.
 
 The file holds `state_dict_model`, `state_dict_classifier`, `epoch`, `best_acc1` and `its_ece`: the
 authors' checkpoint keys and parameter names, without the `module.` prefix their DataParallel models

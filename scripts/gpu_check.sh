@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What holds on one CUDA GPU, in a few minutes (planned for under 8): the device and versions,
+# What holds on one CUDA GPU, in a few minutes: the device and versions,
 # compiled stage-1 throughput with compile_mode default and reduce-overhead, exact resume (1 + 1 epochs of
 # stage 1 against 2, deterministic True), a stage-2 epoch, and the evaluation of the committed CIFAR-100-LT
 # IF=100 weights next to their CPU fp32 figures.
@@ -14,8 +14,8 @@
 #   CHECK_OVERRIDES  extra `KEY VALUE` pairs for the training runs (a dry run: "batch_size 16 eval_batch_size 64")
 #   BENCH_ARGS       extra benchmarks.throughput flags (a dry run: "--no-compile --steps 2 --repeats 1 --warmup 1")
 #   RESUME_COMPILE   True: the exact-resume runs compile the model as the config does (default False:
-#                    eager, which leaves time for the rest)
-#   WHEELS           a folder of wheels to install first (a machine without internet)
+#                    eager, a shorter check)
+#   WHEELS           a folder of wheels to install first (offline)
 # A dry run on CPU, with the tiny CIFAR-100 of the tests:
 #   python -c "import sys; sys.path.insert(0, 'tests'); import conftest; conftest.write_cifar('/tmp/c100', 'cifar100')"
 #   DEVICE=cpu CHECK_OVERRIDES="batch_size 16 eval_batch_size 64" \
