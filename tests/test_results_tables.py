@@ -90,6 +90,26 @@ def check_figure(cell, selected, what, single_unless_sd=True):
     return float(m['best'])
 
 
+def zoo_top1(folder, name):
+    """top-1 of eval.py's record (eval.json) of results/<folder>/weights/<name>.pth.tar."""
+    path = os.path.join(ROOT, 'results', folder, 'weights', f'{name}.eval.json')
+    assert os.path.isfile(path), f'results/{folder}/weights has no {name}.pth.tar evaluated'
+    return json.load(open(path))['top1']
+
+
+def check_zoo_figure(cell, folder, what):
+    """A stage-1 cell `best (last x)` against eval.py's records of the zoo's best and last stage-1 weights, which
+    are those of the folder's one stage-1 run."""
+    m = FIGURE.match(cell)
+    assert m and not (m['sd'] or m['sd2']), f'{what}: cannot read {cell!r}'
+    run, = stage1_runs(folder)
+    best = zoo_top1(folder, f"stage1_{run['name'].split('_stage1_')[1]}_best")
+    assert close(m['best'], best), f'{what}: {cell}, eval.py {best}'
+    if m['last']:
+        last = zoo_top1(folder, f"stage1_{run['name'].split('_stage1_')[1]}_last")
+        assert close(m['last'], last), f'{what}: {cell}, eval.py on the last epoch {last}'
+
+
 def test_main_table_agrees_with_the_recorded_runs():
     checked = 0
     for header, rows in table('dataset', 'IF'):
@@ -100,11 +120,10 @@ def test_main_table_agrees_with_the_recorded_runs():
                 if 'here' not in name or cell == '-':
                     continue
                 what = f'{row[0]} IF {row[1]}, {name}'
-                if name.startswith('stage 1'):
-                    selected = stage1_runs(folder)
+                if name.startswith('stage 1'):  # what eval.py prints for the zoo's weights of the run
+                    check_zoo_figure(cell, folder, what)
                 else:
-                    selected = stage2_runs(folder, 0.0 if 'rho=0' in name else 0.25)
-                check_figure(cell, selected, what)
+                    check_figure(cell, stage2_runs(folder, 0.0 if 'rho=0' in name else 0.25), what)
                 checked += 1
     assert checked >= 4
 
