@@ -1,5 +1,5 @@
 """Page faults a CPU training step pays with glibc's default malloc settings, and with `keep_freed_memory`
-(utils/runtime.py; config key `keep_freed_memory`, on by default).
+(utils/runtime.py; config key `keep_freed_memory`, off by default).
 
     python -m benchmarks.freed_memory [--rounds 5]
 
