@@ -5,7 +5,7 @@
 #   SEEDS="0 1 2" FROM="best last" scripts/reproduce.sh config/cifar100/cifar100_imb001 0 0.25
 #   METHOD=reslt scripts/reproduce.sh config/cifar100/cifar100_imb001 0 config
 #
-# A rho of `config` is the H2T value the stage-2 config sets (0.25; the ResLT authors' 0.4).
+# A rho of `config` is the H2T value the stage-2 config sets (0.25; 0.4 for RIDE and ResLT, their authors').
 #
 # Uses ${PREFIX}_stage1_ce_mixup.yaml and ${PREFIX}_stage2_ce_H2T.yaml (METHOD=ce, the default);
 # METHOD=mislas: ..._stage1_ce_mixup.yaml and ..._stage2_mislas_H2T.yaml (rho 0 is MiSLAS itself);

@@ -4,7 +4,7 @@
 #   mislas    MiSLAS's stage 2 from that same CE + mixup stage 1, without and with H2T
 #   ldam_drw  LDAM-DRW's own stage 1, then its stage 2 without and with H2T
 #   gcl, ride, reslt   likewise, each with its own stage 1 (GCL, RIDE's 3 experts, ResLT's branches;
-#                      ResLT's H2T fuses at its authors' rho 0.4)
+#                      RIDE's and ResLT's H2T fuse at their authors' rho 0.4)
 # and every stage-2 setting for each seed. Each (IF, stage 1) is one job of scripts/reproduce.sh calls (the
 # MiSLAS runs follow the CE runs, which share their stage 1); JOBS jobs run side by side on one device.
 #

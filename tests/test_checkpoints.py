@@ -114,4 +114,6 @@ def test_committed_model_zoo_loads_into_the_model_of_its_config(path):
     load_weights(backbone, ckpt['state_dict_model'], path, 'backbone', cfg)
     load_weights(classifier, ckpt['state_dict_classifier'], path, 'classifier', cfg)
     evaluated = json.load(open(path.replace('.pth.tar', '.eval.json')))
-    assert evaluated['checkpoint_epoch'] == ckpt['epoch'] and os.path.getsize(path) < 2e6
+    assert evaluated['checkpoint_epoch'] == ckpt['epoch']
+    # weights only: under 2 MB for one network, under 3 MiB (fp16) for a three-expert one
+    assert os.path.getsize(path) < (3 * 2 ** 20 if cfg.num_experts > 1 else 2e6)
