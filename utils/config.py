@@ -78,7 +78,7 @@ _C.loss.LDAM.reweight_epoch = -1   # DRW: class-balanced weights after this epoc
 _C.loss.LAS = CN()
 _C.loss.LAS.shape = 'concave'      # how smoothing falls from smooth_head to smooth_tail: concave|linear|convex|exp
 _C.loss.LAS.power = None           # the exponent of shape 'exp'
-# RIDE's distribution-aware diversity loss (RIDELoss), RIDE's defaults
+# RIDE's distribution-aware diversity loss (RIDELoss), the defaults of RIDE's RIDELoss
 _C.loss.RIDE = CN()
 _C.loss.RIDE.base_loss_factor = 1.0             # weight of each expert's LDAM loss
 _C.loss.RIDE.additional_diversity_factor = -0.2  # weight of each expert's KL to the experts' mean (negative: diversity)
