@@ -128,13 +128,9 @@ def test_main_table_agrees_with_the_recorded_runs():
     assert checked >= 4
 
 
-# methods that are their own stage 1 (the row without H2T is that run); the others are a stage 2 (rho 0)
-OWN_STAGE1 = ('LDAM-DRW', 'RIDE', 'ResLT')
-
-
 def test_methods_table_agrees_with_the_recorded_runs_and_its_differences():
-    """Each `here, IF N` cell against results/cifar100_imb<N>_<method>, and its `difference, IF N` to the paper
-    (empty where the paper has no figure, `-`)."""
+    """Each `here, IF N` cell against results/cifar100_imb<N>_<method> (a method's row: its stage 2 without H2T,
+    rho 0; + H2T: its H2T runs), and its `difference, IF N` to the paper (empty where the paper has no figure, `-`)."""
     checked = 0
     for header, rows in table('method'):
         paper_ifs = [int(x) for x in re.findall(r'\d+', header[1])]
@@ -148,12 +144,7 @@ def test_methods_table_agrees_with_the_recorded_runs_and_its_differences():
                 method = row[0].replace(' + H2T', '')
                 folder = f'cifar100_imb{IMB[if_here]}_{method.lower().replace("-", "_")}'
                 what = f'{row[0]}, IF {if_here}'
-                if '+ H2T' in row[0]:
-                    selected = h2t_runs(folder)
-                elif method in OWN_STAGE1:
-                    selected = stage1_runs(folder)
-                else:
-                    selected = stage2_runs(folder, 0.0)
+                selected = h2t_runs(folder) if '+ H2T' in row[0] else stage2_runs(folder, 0.0)
                 value = check_figure(here, selected, what)
                 paper = row[1].split('/')[paper_ifs.index(if_here)].strip()
                 difference = cells[f'difference, IF {if_here}']
