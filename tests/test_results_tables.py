@@ -177,10 +177,11 @@ def test_rho_table_agrees_with_the_recorded_runs():
         assert close(few, statistics.mean(r['best']['few'] for r in selected)), f'rho {rho}: few {few}'
 
 
-SEEDS_CSV = sorted(glob.glob(os.path.join(ROOT, 'results', '*', 'seeds.csv')))
+SEEDS_CSV = sorted(glob.glob(os.path.join(ROOT, 'results', '*', 'seeds.csv'))
+                   + glob.glob(os.path.join(ROOT, 'results', '*', '*', 'seeds.csv')))  # and a folder's sub-records
 
 
-@pytest.mark.parametrize('folder', [os.path.basename(os.path.dirname(p)) for p in SEEDS_CSV])
+@pytest.mark.parametrize('folder', [os.path.relpath(os.path.dirname(p), os.path.join(ROOT, 'results')) for p in SEEDS_CSV])
 def test_seeds_csv_is_the_statistics_of_the_recorded_runs(folder):
     for row in csv.DictReader(open(os.path.join(ROOT, 'results', folder, 'seeds.csv'))):
         selected = stage2_runs(folder, float(row['rho']), row['from'])
