@@ -193,7 +193,8 @@ def test_seeds_csv_is_the_statistics_of_the_recorded_runs(folder):
             assert float(row[f'{which}_top1_sd']) == pytest.approx(sd, abs=1e-3)
 
 
-READMES = [README] + sorted(glob.glob(os.path.join(ROOT, 'results', '*', 'README.md')))
+ZOO_FOLDERS = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, 'results', '*', 'weights')))
+READMES = [README] + [os.path.join(ROOT, 'results', folder, 'README.md') for folder in ZOO_FOLDERS]
 
 
 @pytest.mark.parametrize('readme', [os.path.relpath(p, ROOT) for p in READMES])
@@ -203,8 +204,6 @@ def test_model_zoo_eval_lines_give_the_figures_of_their_weights(readme):
     # the shell variables the README's commands use (`W=results/...`, `S1=config/... S2=...`)
     variables = dict(re.findall(r'(?:^|\s)([A-Z][A-Z0-9_]*)=(\S+)', text, re.M))
     lines = re.findall(r'^\s*python eval\.py --cfg (\S+) resume (\S+)\s+# (?:[^#\n:]*: )?(\d+\.\d+)', text, re.M)
-    if readme != 'README.md' and not os.path.isdir(os.path.join(os.path.dirname(os.path.join(ROOT, readme)), 'weights')):
-        return  # a results folder without zoo weights
     assert lines, f'{readme} shows no model-zoo eval.py line'
     for config, weights, shown in lines:
         config, weights = (re.sub(r'\$(\w+)', lambda m: variables[m[1]], v) for v in (config, weights))
@@ -213,8 +212,7 @@ def test_model_zoo_eval_lines_give_the_figures_of_their_weights(readme):
         assert close(shown, evaluated['top1']), f'{weights}: README {shown}, eval.json {evaluated["top1"]}'
 
 
-@pytest.mark.parametrize('folder', sorted(os.path.basename(os.path.dirname(p))
-                                          for p in glob.glob(os.path.join(ROOT, 'results', '*', 'weights'))))
+@pytest.mark.parametrize('folder', ZOO_FOLDERS)
 def test_every_zoo_file_has_an_eval_line(folder):
     """A reader finds each committed weights file beside the command that evaluates it and its figure."""
     text = open(README).read() + open(os.path.join(ROOT, 'results', folder, 'README.md')).read()
